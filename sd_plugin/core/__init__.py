@@ -1,0 +1,28 @@
+"""Framework-agnostic core: options, exits, feature taps and loss maths in plain torch."""
+
+from .config import SelfDistillConfig, default_block_exits, default_stage_exits
+from .exits import ConvExit, TokenExit, VectorExit, build_exit
+from .losses import SelfDistillLoss, feature_hint, kd_kl_div, self_distill_losses, soft_cross_entropy
+from .outputs import SelfDistillOutput
+from .taps import ExitPoint, FeatureTaps, StopForward, get_submodule, select_feature
+
+__all__ = [
+    "SelfDistillConfig",
+    "default_block_exits",
+    "default_stage_exits",
+    "ConvExit",
+    "TokenExit",
+    "VectorExit",
+    "build_exit",
+    "SelfDistillLoss",
+    "feature_hint",
+    "kd_kl_div",
+    "self_distill_losses",
+    "soft_cross_entropy",
+    "SelfDistillOutput",
+    "ExitPoint",
+    "FeatureTaps",
+    "StopForward",
+    "get_submodule",
+    "select_feature",
+]

@@ -1,0 +1,136 @@
+"""Options of self-distillation, shared by the timm and MMPretrain adapters.
+
+Defaults follow "Be Your Own Teacher" (Zhang et al., ICCV 2019, Sec. 3 and the
+authors' CIFAR-100 training code): temperature 3, KD weight alpha = 0.3 with the
+label cross-entropy weighted 1 - alpha = 0.7 on every shallow exit, feature hint
+weight lambda = 0.03, and the deepest classifier trained with plain cross-entropy.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Optional, Sequence, Tuple, Union
+
+PredictExit = Union[str, int]
+
+__all__ = ["SelfDistillConfig", "PredictExit", "default_stage_exits", "default_block_exits"]
+
+
+def _check_weight(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} ({value!r}).")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}. Use 0 to switch the term off.")
+
+
+@dataclass
+class SelfDistillConfig:
+    """Self-distillation options.
+
+    Args:
+        exit_indices: Where exits go. For stage-wise backbones, indices of the
+            stages after which an exit is attached (0-based, the last stage is
+            the deepest classifier and cannot take an exit). For plain token
+            backbones (ViT, DeiT, ...), indices of transformer blocks. ``None``
+            places one exit after every stage but the last, or, for plain token
+            backbones, after the blocks at 1/4, 2/4 and 3/4 of the depth.
+            Negative indices count from the end, as in Python.
+        temperature: Softmax temperature T of the KD term (BYOT: 3.0).
+        ce_weight: Weight of the label cross-entropy on every shallow exit
+            (BYOT: 1 - alpha = 0.7).
+        kd_weight: Weight of KL(teacher_T || exit_T), the deepest exit's softened
+            prediction being the detached teacher (BYOT: alpha = 0.3).
+        hint_weight: Weight of the feature hint, the per-sample L2 distance between
+            an exit's pooled features and the deepest classifier's detached
+            features, averaged over the batch (BYOT: lambda = 0.03).
+        deepest_weight: Weight of the deepest classifier's own loss (BYOT: 1.0).
+        exit_hidden_ratio: Width of an exit's bottleneck relative to its output
+            width (BYOT: 1/4 in its "branchBottleNeck").
+        predict_exit: What prediction returns: ``'deepest'`` (the unmodified
+            model, no extra cost), ``'ensemble'`` (mean of all exits' softmax,
+            BYOT Table 1's "ensemble"), or an int, the 1-based exit number
+            (``len(exit_indices) + 1`` is the deepest).
+    """
+
+    exit_indices: Optional[Sequence[int]] = None
+    temperature: float = 3.0
+    ce_weight: float = 0.7
+    kd_weight: float = 0.3
+    hint_weight: float = 0.03
+    deepest_weight: float = 1.0
+    exit_hidden_ratio: float = 0.25
+    predict_exit: PredictExit = "deepest"
+
+    def __post_init__(self) -> None:
+        if self.exit_indices is not None:
+            if isinstance(self.exit_indices, (str, bytes)) or not isinstance(self.exit_indices, Sequence):
+                raise TypeError(f"exit_indices must be a list of ints or None, got {type(self.exit_indices).__name__}.")
+            for i in self.exit_indices:
+                if isinstance(i, bool) or not isinstance(i, int):
+                    raise TypeError(f"exit_indices must hold ints, got {i!r} in {list(self.exit_indices)}.")
+            if len(self.exit_indices) == 0:
+                raise ValueError("exit_indices is empty: give at least one index, or None for the default placement.")
+            if len(set(self.exit_indices)) != len(self.exit_indices):
+                raise ValueError(f"exit_indices has duplicates: {list(self.exit_indices)}.")
+            self.exit_indices = tuple(self.exit_indices)
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)):
+            raise TypeError(f"temperature must be a number, got {type(self.temperature).__name__}.")
+        if not math.isfinite(self.temperature) or self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature!r} (BYOT uses 3.0).")
+        for name in ("ce_weight", "kd_weight", "hint_weight", "deepest_weight"):
+            _check_weight(name, getattr(self, name))
+        if isinstance(self.exit_hidden_ratio, bool) or not isinstance(self.exit_hidden_ratio, (int, float)):
+            raise TypeError(f"exit_hidden_ratio must be a number, got {type(self.exit_hidden_ratio).__name__}.")
+        if not 0 < self.exit_hidden_ratio <= 4:
+            raise ValueError(f"exit_hidden_ratio must be in (0, 4], got {self.exit_hidden_ratio!r}.")
+        p = self.predict_exit
+        if isinstance(p, bool) or not isinstance(p, (str, int)):
+            raise TypeError(f"predict_exit must be 'deepest', 'ensemble' or an exit number, got {p!r}.")
+        if isinstance(p, str) and p not in ("deepest", "ensemble"):
+            raise ValueError(f"predict_exit must be 'deepest', 'ensemble' or an exit number (1-based), got {p!r}.")
+        if isinstance(p, int) and p < 1:
+            raise ValueError(f"predict_exit is a 1-based exit number, got {p}; use 1 for the shallowest exit.")
+
+    def resolve_exit_indices(self, num_positions: int, default: Sequence[int]) -> Tuple[int, ...]:
+        """Turn ``exit_indices`` into sorted non-negative indices below ``num_positions - 1``.
+
+        Args:
+            num_positions: Number of stages (or blocks) in the backbone; the last
+                one feeds the deepest classifier.
+            default: Placement used when ``exit_indices`` is None.
+        """
+        wanted = tuple(default) if self.exit_indices is None else tuple(self.exit_indices)
+        out = []
+        for i in wanted:
+            j = i + num_positions if i < 0 else i
+            if not 0 <= j < num_positions - 1:
+                raise ValueError(
+                    f"exit index {i} is out of range: this backbone has {num_positions} positions "
+                    f"(valid exit indices are 0..{num_positions - 2}, or -{num_positions}..-2; the last one "
+                    "is the deepest classifier)."
+                )
+            out.append(j)
+        if len(set(out)) != len(out):
+            raise ValueError(f"exit_indices {list(wanted)} name the same position twice.")
+        return tuple(sorted(out))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def option_names(cls) -> Tuple[str, ...]:
+        return tuple(f.name for f in fields(cls) if f.init)
+
+
+def default_stage_exits(num_stages: int) -> Tuple[int, ...]:
+    """One exit after every stage but the last (BYOT, SCAN)."""
+    return tuple(range(num_stages - 1))
+
+
+def default_block_exits(num_blocks: int) -> Tuple[int, ...]:
+    """Exits after the blocks at 1/4, 2/4 and 3/4 of the depth (0-based block indices)."""
+    if num_blocks < 2:
+        return ()
+    picks = sorted({max(0, round(num_blocks * k / 4) - 1) for k in (1, 2, 3)})
+    return tuple(p for p in picks if p < num_blocks - 1)

@@ -1,0 +1,1 @@
+"""MMPretrain / mmengine adapter: registered model, exit neck, head, hooks and metric."""
