@@ -40,9 +40,13 @@ def __getattr__(name: str) -> Any:
 
 def _setup_frameworks() -> None:
     if importlib.util.find_spec("mmengine") is not None:
+        from mmengine.config.utils import MODULE2PACKAGE
+
         from ._safe_globals import register_mmengine_safe_globals
 
         register_mmengine_safe_globals()
+        # Lets configs say `_base_ = ['sd_plugin::<folder>/<config>.py']` once sd_plugin is imported.
+        MODULE2PACKAGE.setdefault("sd_plugin", "sd-plugin")
     if importlib.util.find_spec("mmpretrain") is not None:
         importlib.import_module("sd_plugin.mmpretrain_adapter")
 
