@@ -1,0 +1,180 @@
+"""Helpers of ``tools/train_timm.py``: distributed setup, data, one epoch of training, per-exit validation."""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+
+from ..core import SelfDistillOutput
+
+__all__ = [
+    "DistInfo",
+    "setup_distributed",
+    "build_dataset",
+    "build_loader",
+    "autocast",
+    "train_one_epoch",
+    "evaluate",
+    "format_table",
+]
+
+
+@dataclass
+class DistInfo:
+    """Where this process runs: rank, world size, device."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str) -> DistInfo:
+    """Init torch DDP when launched by torchrun (gloo on CPU, nccl on CUDA); a single process otherwise."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    dev = torch.device(device)
+    if world_size <= 1:
+        return DistInfo(device=dev)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), device=dev)
+
+
+def build_dataset(
+    root: str, split: str, transform: Optional[Callable], max_samples: int, seed: int
+) -> Tuple[Dataset, int]:
+    """timm's ImageFolder dataset of ``root/split`` (optionally a fixed random subset) and its class count."""
+    from timm.data import create_dataset
+
+    path = os.path.join(root, split)
+    if not os.path.isdir(path):
+        raise ValueError(f"no folder {path!r}: the data root needs one sub-folder per split (e.g. train/ and val/).")
+    dataset = create_dataset("", root=path, transform=transform)
+    num_classes = len(dataset.reader.class_to_idx)
+    if 0 < max_samples < len(dataset):
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+        dataset = Subset(dataset, order[:max_samples].tolist())
+    return dataset, num_classes
+
+
+def build_loader(dataset: Dataset, batch_size: int, train: bool, workers: int, info: DistInfo, seed: int) -> DataLoader:
+    """A DataLoader with a DistributedSampler under DDP (training only; validation runs on rank 0)."""
+    sampler: Optional[DistributedSampler] = None
+    if train and info.distributed:
+        sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=train and sampler is None,
+        sampler=sampler,
+        num_workers=workers,
+        drop_last=train,
+        persistent_workers=False,
+        generator=torch.Generator().manual_seed(seed) if train else None,
+    )
+
+
+def autocast(device: torch.device, enabled: bool) -> ContextManager[Any]:
+    """bf16 autocast (CPU and CUDA) when ``enabled``."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if enabled else nullcontext()
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    criterion: Callable[[Any, torch.Tensor], torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    info: DistInfo,
+    amp: bool,
+    mixup: Optional[Callable[[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]] = None,
+    progress: bool = True,
+    desc: str = "train",
+) -> Dict[str, Any]:
+    """One epoch; returns the mean loss, mean loss terms and per-step wall times (seconds)."""
+    from tqdm import tqdm
+
+    model.train()
+    totals: Dict[str, float] = {}
+    step_times: List[float] = []
+    loss_sum, steps = 0.0, 0
+    bar = tqdm(loader, desc=desc, disable=not (progress and info.is_main), leave=False, mininterval=1.0)
+    for x, y in bar:
+        t0 = time.perf_counter()
+        x, y = x.to(info.device), y.to(info.device)
+        if mixup is not None:
+            x, y = mixup(x, y)
+        with autocast(info.device, amp):
+            out = model(x)
+        loss = criterion(out, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step_times.append(time.perf_counter() - t0)
+        loss_sum += float(loss.detach())
+        steps += 1
+        for name, value in getattr(criterion, "last_terms", {}).items():
+            totals[name] = totals.get(name, 0.0) + float(value)
+        bar.set_postfix(loss=f"{loss_sum / steps:.3f}")
+    if steps == 0:
+        raise ValueError("the training loader gave no full batch: lower --batch-size or raise --max-train-samples.")
+    return dict(
+        loss=loss_sum / steps,
+        terms={k: v / steps for k, v in totals.items()},
+        steps=steps,
+        step_time_mean=sum(step_times) / steps,
+        step_times=[round(t, 4) for t in step_times],
+    )
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, info: DistInfo, amp: bool, with_exits: bool) -> Dict[str, float]:
+    """Top-1 (%) of every exit, the deepest classifier and the ensemble (mean softmax), from one pass per batch."""
+    model.eval()
+    correct: Dict[str, int] = {}
+    total = 0
+    for x, y in loader:
+        x, y = x.to(info.device), y.to(info.device)
+        with autocast(info.device, amp):
+            if with_exits:
+                out: SelfDistillOutput = model.forward_train(x)  # type: ignore[operator]
+                preds = {f"exit{k}": lg for k, lg in enumerate(out.exit_logits, 1)}
+                preds["deepest"] = out.logits
+                preds["ensemble"] = out.ensemble_probs()
+            else:
+                preds = {"deepest": model(x)}
+        for name, scores in preds.items():
+            correct[name] = correct.get(name, 0) + int((scores.argmax(dim=1) == y).sum())
+        total += int(y.shape[0])
+    if total == 0:
+        raise ValueError("the validation set is empty: check --val-split and --max-val-samples.")
+    return {name: 100.0 * c / total for name, c in correct.items()}
+
+
+def format_table(rows: List[Tuple[int, Dict[str, float]]]) -> str:
+    """Per-epoch top-1 table, one column per exit, then deepest and ensemble."""
+    if not rows:
+        return ""
+    cols = list(rows[-1][1])
+    lines = ["epoch | " + " | ".join(f"{c:>8s}" for c in cols), "-" * (8 + 11 * len(cols))]
+    for epoch, accs in rows:
+        lines.append(f"{epoch:5d} | " + " | ".join(f"{accs.get(c, float('nan')):8.2f}" for c in cols))
+    return "\n".join(lines)

@@ -1,0 +1,238 @@
+"""Train a timm model with self-distillation exits (``sd_plugin.wrap``) on an ImageFolder data set.
+
+Built on timm's own utilities (create_model, create_dataset, resolve_data_config/create_transform,
+create_optimizer_v2, create_scheduler_v2, Mixup); flags follow timm's train.py. ``--no-sd`` trains the plain
+model with the same recipe. Prints a per-exit top-1 table every epoch and writes to ``--output``:
+``checkpoint-last.pth`` (wrapped model with exits, optimizer, scheduler: for ``--resume``),
+``model_plain.pth`` (the unwrapped timm state dict, loads strictly into ``timm.create_model``),
+``exits.pth`` (exit weights alone) and ``summary.json`` (per-epoch metrics and step times).
+
+Examples:
+    python tools/train_timm.py demo_data/cifar10_mini --model resnet18 --img-size 32 --epochs 2 --output work_dirs/r18
+    torchrun --nproc_per_node 2 tools/train_timm.py ~/.cache/sd_plugin/cifar10 --val-split test --model resnet18 ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+import timm
+import torch
+import torch.distributed as dist
+from timm.data import Mixup, create_transform, resolve_data_config
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from torch.nn.parallel import DistributedDataParallel
+
+import sd_plugin
+from sd_plugin.core import SelfDistillConfig, soft_cross_entropy
+from sd_plugin.timm_adapter._train_utils import (
+    build_dataset,
+    build_loader,
+    evaluate,
+    format_table,
+    setup_distributed,
+    train_one_epoch,
+)
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("data", nargs="?", default=None, help="ImageFolder root with train/ and val/ (or test/)")
+    p.add_argument("--data-dir", default=None, help="same as the positional data argument")
+    p.add_argument("--train-split", default="train")
+    p.add_argument("--val-split", default=None, help="default: val/ if present, else test/")
+    p.add_argument("--max-train-samples", type=int, default=0, help="fixed random subset of the training set")
+    p.add_argument("--max-val-samples", type=int, default=0, help="fixed random subset of the validation set")
+    p.add_argument("--model", default="resnet18")
+    p.add_argument("--pretrained", action="store_true", help="timm pretrained weights (local cache or file)")
+    p.add_argument("--initial-checkpoint", default="", help="plain timm checkpoint to start from")
+    p.add_argument("--resume", default="", help="checkpoint-last.pth of an earlier run")
+    p.add_argument("--num-classes", type=int, default=None, help="default: classes of the training folder")
+    p.add_argument("--img-size", type=int, default=None, help="input size (default: the model's)")
+    p.add_argument("-b", "--batch-size", type=int, default=64)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--opt", default="sgd")
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--sched", default="cosine")
+    p.add_argument("--warmup-epochs", type=int, default=0)
+    p.add_argument("--min-lr", type=float, default=0.0)
+    p.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (0: off)")
+    p.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (0: off)")
+    p.add_argument("--smoothing", type=float, default=0.0, help="label smoothing")
+    p.add_argument("--amp", action="store_true", help="bfloat16 autocast (CPU or CUDA)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--output", default="work_dirs/train_timm")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sd = p.add_argument_group("self-distillation (sd_plugin.SelfDistillConfig; BYOT defaults)")
+    sd.add_argument("--no-sd", action="store_true", help="train the plain model with the same recipe")
+    sd.add_argument("--sd-exit-indices", type=int, nargs="+", default=None, help="stage/block indices of the exits")
+    sd.add_argument("--sd-temperature", type=float, default=3.0)
+    sd.add_argument("--sd-ce-weight", type=float, default=0.7)
+    sd.add_argument("--sd-kd-weight", type=float, default=0.3)
+    sd.add_argument("--sd-hint-weight", type=float, default=0.03)
+    sd.add_argument("--sd-deepest-weight", type=float, default=1.0)
+    sd.add_argument("--sd-exit-hidden-ratio", type=float, default=0.25)
+    args = p.parse_args(argv)
+    args.data = args.data or args.data_dir
+    if not args.data:
+        p.error("give the data root (positional) or --data-dir")
+    if args.val_split is None:
+        args.val_split = "val" if os.path.isdir(os.path.join(args.data, "val")) else "test"
+    return args
+
+
+def create_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
+    """timm.create_model at --img-size when the model takes an img_size, else its own size."""
+    kwargs: Dict[str, Any] = dict(pretrained=args.pretrained, num_classes=num_classes)
+    if args.initial_checkpoint:
+        kwargs["checkpoint_path"] = args.initial_checkpoint
+    if args.img_size:
+        try:
+            return timm.create_model(args.model, img_size=args.img_size, **kwargs)
+        except TypeError:
+            pass  # a fully convolutional model: takes any size
+    return timm.create_model(args.model, **kwargs)
+
+
+def sd_config(args: argparse.Namespace) -> SelfDistillConfig:
+    return SelfDistillConfig(
+        exit_indices=args.sd_exit_indices,
+        temperature=args.sd_temperature,
+        ce_weight=args.sd_ce_weight,
+        kd_weight=args.sd_kd_weight,
+        hint_weight=args.sd_hint_weight,
+        deepest_weight=args.sd_deepest_weight,
+        exit_hidden_ratio=args.sd_exit_hidden_ratio,
+    )
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    info = setup_distributed(args.device)
+    torch.manual_seed(args.seed + info.rank)
+    os.makedirs(args.output, exist_ok=True)
+
+    probe, _ = build_dataset(args.data, args.train_split, transform=None, max_samples=0, seed=args.seed)
+    num_classes = args.num_classes or len(probe.reader.class_to_idx)  # type: ignore[attr-defined]
+    model = create_model(args, num_classes)
+    data_cfg = resolve_data_config(
+        dict(input_size=(3, args.img_size, args.img_size)) if args.img_size else {}, model=model
+    )
+    train_set, _ = build_dataset(
+        args.data, args.train_split, create_transform(**data_cfg, is_training=True), args.max_train_samples, args.seed
+    )
+    val_set, _ = build_dataset(
+        args.data, args.val_split, create_transform(**data_cfg, is_training=False), args.max_val_samples, args.seed
+    )
+    train_loader = build_loader(train_set, args.batch_size, True, args.workers, info, args.seed)
+    val_loader = build_loader(val_set, args.batch_size, False, args.workers, info, args.seed)
+
+    config = sd_config(args)
+    net: torch.nn.Module = model if args.no_sd else sd_plugin.SelfDistillModel(model, config, data_cfg["input_size"])
+    net.to(info.device)
+    if args.no_sd:
+        criterion: Any = lambda out, y: soft_cross_entropy(out, y, args.smoothing if y.dim() == 1 else 0.0)  # noqa: E731
+    else:
+        criterion = sd_plugin.SelfDistillLoss(config, label_smoothing=args.smoothing)
+    optimizer = create_optimizer_v2(
+        net, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum
+    )
+    scheduler, num_epochs = create_scheduler_v2(
+        optimizer, sched=args.sched, num_epochs=args.epochs, warmup_epochs=args.warmup_epochs, min_lr=args.min_lr
+    )
+    mixup = None
+    if args.mixup > 0 or args.cutmix > 0:
+        mixup = Mixup(
+            mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.smoothing, num_classes=num_classes
+        )
+
+    start_epoch, history = 0, []
+    if args.resume:
+        ckpt = torch.load(args.resume, map_location="cpu", weights_only=False)
+        net.load_state_dict(ckpt["state_dict"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        start_epoch, history = ckpt["epoch"], ckpt.get("history", [])
+    train_net: torch.nn.Module = net
+    if info.distributed:
+        train_net = DistributedDataParallel(net, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+
+    if info.is_main:
+        exits = "none (--no-sd)" if args.no_sd else [p.module for p in net.exit_points]  # type: ignore[union-attr]
+        print(
+            f"{args.model}: {num_classes} classes, input {tuple(data_cfg['input_size'])}, exits at {exits}, "
+            f"{len(train_set)} train / {len(val_set)} val images, world size {info.world_size}",
+            flush=True,
+        )
+    table: List[Tuple[int, Dict[str, float]]] = [(h["epoch"], h["top1"]) for h in history]
+    for epoch in range(start_epoch, num_epochs):
+        if isinstance(train_loader.sampler, torch.utils.data.DistributedSampler):
+            train_loader.sampler.set_epoch(epoch)
+        t0 = time.time()
+        stats = train_one_epoch(
+            train_net,
+            train_loader,
+            criterion,
+            optimizer,
+            info,
+            args.amp,
+            mixup,
+            not args.no_progress,
+            f"epoch {epoch + 1}",
+        )
+        scheduler.step(epoch + 1)
+        if info.is_main:
+            top1 = evaluate(net, val_loader, info, args.amp, with_exits=not args.no_sd)
+            history.append(dict(epoch=epoch + 1, top1=top1, epoch_seconds=round(time.time() - t0, 2), **stats))
+            table.append((epoch + 1, top1))
+            print(
+                f"\nepoch {epoch + 1}/{num_epochs}  loss {stats['loss']:.4f}  "
+                f"step {1000 * stats['step_time_mean']:.1f} ms\n{format_table(table)}",
+                flush=True,
+            )
+            _save(args, net, optimizer, scheduler, epoch + 1, history)
+        if info.distributed:
+            dist.barrier()
+    if info.distributed:
+        dist.destroy_process_group()
+    return 0
+
+
+def _save(
+    args: argparse.Namespace,
+    net: torch.nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    epoch: int,
+    history: List[Dict[str, Any]],
+) -> None:
+    state = dict(
+        epoch=epoch,
+        arch=args.model,
+        state_dict=net.state_dict(),
+        optimizer=optimizer.state_dict(),
+        scheduler=scheduler.state_dict(),
+        args=vars(args),
+        history=history,
+    )
+    torch.save(state, os.path.join(args.output, "checkpoint-last.pth"))
+    plain = net if args.no_sd else sd_plugin.unwrap(net)
+    torch.save(plain.state_dict(), os.path.join(args.output, "model_plain.pth"))
+    if not args.no_sd:
+        torch.save(net.exits_state_dict(), os.path.join(args.output, "exits.pth"))  # type: ignore[operator]
+    with open(os.path.join(args.output, "summary.json"), "w") as f:
+        json.dump(dict(args=vars(args), epochs=history), f, indent=1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
