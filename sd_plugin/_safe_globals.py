@@ -9,6 +9,7 @@ them as safe globals fixes that without turning the safe loader off.
 from __future__ import annotations
 
 import codecs
+import collections
 from typing import Any, List
 
 import numpy as np
@@ -41,4 +42,14 @@ def register_mmengine_safe_globals() -> None:
     from mmengine.logging import HistoryBuffer
     from mmengine.logging.message_hub import MessageHub
 
-    torch.serialization.add_safe_globals([HistoryBuffer, MessageHub, *_numpy_globals()])
+    torch.serialization.add_safe_globals([HistoryBuffer, MessageHub, *_numpy_globals(), *_resume_globals()])
+
+
+def _resume_globals() -> List[Any]:
+    """Objects in the checkpoints that ``resume=True`` reads back.
+
+    ``collections.Counter``: ``MultiStepLR``'s milestones in the scheduler state. ``getattr``: the message
+    hub pickles ``HistoryBuffer``'s statistics methods as ``getattr(HistoryBuffer, 'min')``. The unpickler
+    still calls only allow-listed callables, so ``getattr`` can fetch attributes but not call them.
+    """
+    return [collections.Counter, getattr]

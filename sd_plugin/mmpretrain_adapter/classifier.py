@@ -1,0 +1,343 @@
+"""``SelfDistillClassifier``: an ImageClassifier with self-distillation exits."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+from mmpretrain.models.classifiers import ImageClassifier
+from mmpretrain.registry import MODELS
+from mmpretrain.structures import DataSample
+
+from sd_plugin.core import ExitPoint, SelfDistillConfig, SelfDistillOutput, StopForward, get_submodule, select_feature
+
+from ._discovery import discover_exit_points, find_candidates, probe_input_shape
+from ._heads import build_exit_head, check_head, head_loss_fn, run_head, targets_of
+from .distill_loss import SelfDistillLoss
+from .exit_neck import SelfDistillExitNeck
+
+__all__ = ["SelfDistillClassifier", "EXIT_SCORES"]
+
+#: Field of a validation/test DataSample holding every exit's softmax scores,
+#: a (num_exits + 1, num_classes) tensor, shallowest exit first, deepest last.
+EXIT_SCORES = "exit_scores"
+
+# Probe size tried when the default (small) probe input is too small for the backbone.
+_FALLBACK_PROBE_SIZE = 224
+# Two samples, so per-sample outputs can be told from per-patch ones (TNT's inner tokens).
+_PROBE_BATCH = 2
+
+
+@MODELS.register_module()
+class SelfDistillClassifier(ImageClassifier):
+    """An :class:`~mmpretrain.models.ImageClassifier` trained with teacher-free self-distillation (BYOT).
+
+    Takes any supervised ``ImageClassifier`` config unchanged (backbone, neck,
+    head, data preprocessor, Mixup/CutMix ``train_cfg``). Exits are placed
+    automatically after every backbone stage but the last (after the blocks at
+    1/4, 2/4, 3/4 of a plain ViT/DeiT); each one is a
+    :class:`SelfDistillExitNeck` followed by a copy of the user's head (same
+    type and loss, ``in_channels`` set to the deepest head's). Features are read
+    through forward hooks: the backbone config (``out_indices`` ...) is not touched.
+
+    ``mode='loss'`` returns ``loss_ce`` (deepest head, its own loss) and
+    ``exit{k}_loss_ce`` / ``exit{k}_loss_kd`` / ``exit{k}_loss_hint`` for every
+    exit (k = 1 is the shallowest). ``mode='predict'``/``'tensor'`` run the
+    deepest classifier only (no exit is computed) unless ``predict_exit`` says
+    otherwise. In the Runner's validation and test loops (``val_step`` /
+    ``test_step``) every exit's softmax scores are attached to each DataSample as
+    ``exit_scores`` ((num_exits + 1, num_classes), deepest last) for
+    :class:`MultiExitAccuracy`; set ``eval_exits=False`` to skip that.
+
+    Args:
+        backbone, neck, head, pretrained, train_cfg, data_preprocessor, init_cfg:
+            As for ``ImageClassifier``.
+        stage_modules: Dotted names (relative to the backbone) of its main-path
+            stage modules, for a backbone whose stages are not found
+            automatically. Each one's output must feed the next.
+        probe_size: Input size of the probe forward pass that measures channels
+            and strides (default: the backbone's ``img_size``, else 224).
+        eval_exits: Attach every exit's scores in ``val_step``/``test_step``.
+        **options: The fields of :class:`sd_plugin.core.SelfDistillConfig`
+            (``exit_indices``, ``temperature``, ``ce_weight``, ``kd_weight``,
+            ``hint_weight``, ``deepest_weight``, ``exit_hidden_ratio``,
+            ``predict_exit``), validated by it.
+
+    Example:
+        >>> _base_ = ['mmpretrain::resnet/resnet18_8xb16_cifar10.py']
+        >>> custom_imports = dict(imports=['sd_plugin'], allow_failed_imports=False)
+        >>> model = dict(type='SelfDistillClassifier')
+    """
+
+    def __init__(
+        self,
+        backbone: dict,
+        neck: Optional[dict] = None,
+        head: Optional[dict] = None,
+        pretrained: Optional[str] = None,
+        train_cfg: Optional[dict] = None,
+        data_preprocessor: Optional[dict] = None,
+        init_cfg: Optional[dict] = None,
+        stage_modules: Optional[Sequence[str]] = None,
+        probe_size: Optional[Union[int, Sequence[int]]] = None,
+        eval_exits: bool = True,
+        **options: Any,
+    ) -> None:
+        known = SelfDistillConfig.option_names()
+        unknown = sorted(k for k in options if k not in known)
+        if unknown:
+            raise TypeError(
+                f"SelfDistillClassifier got unexpected options {unknown}. It takes an ImageClassifier config "
+                "(backbone, neck, head, train_cfg, data_preprocessor) plus the self-distillation options "
+                f"{list(known)}, stage_modules, probe_size and eval_exits. Self-supervised algorithm configs "
+                "(MoCo, SimCLR, BYOL, MAE, ...) are not supported: use a supervised classification config."
+            )
+        self.sd_config = SelfDistillConfig(**options)
+        head_cfg = head
+        super().__init__(
+            backbone=backbone,
+            neck=neck,
+            head=head,
+            pretrained=pretrained,
+            train_cfg=train_cfg,
+            data_preprocessor=data_preprocessor,
+            init_cfg=init_cfg,
+        )
+        width = check_head(self.head, head_cfg)
+        self.eval_exits = bool(eval_exits)
+        self._attach_exit_scores = False
+        self.distill_loss = SelfDistillLoss(config=self.sd_config)
+        points, self.num_positions = self._discover(stage_modules, probe_size)
+        self._exit_points: Tuple[ExitPoint, ...] = tuple(points)
+        self.exit_necks = nn.ModuleList(
+            SelfDistillExitNeck(p.channels, width, p.fmt, p.stride, self.sd_config.exit_hidden_ratio) for p in points
+        )
+        self.exit_heads = nn.ModuleList(build_exit_head(head_cfg, width) for _ in points)  # type: ignore[arg-type]
+        self._check_exit_heads(width)
+        p = self.sd_config.predict_exit
+        if isinstance(p, int) and p > self.num_exits + 1:
+            raise ValueError(
+                f"predict_exit={p} but this model has {self.num_exits} exits (1..{self.num_exits}) and the deepest "
+                f"classifier ({self.num_exits + 1}); choose one of those, 'deepest' or 'ensemble'."
+            )
+
+    # ----------------------------------------------------------------- setup
+    def _discover(
+        self, stage_modules: Optional[Sequence[str]], probe_size: Optional[Union[int, Sequence[int]]]
+    ) -> Tuple[List[ExitPoint], int]:
+        candidates = find_candidates(self.backbone, stage_modules)
+        chans, h, w = probe_input_shape(self.backbone, probe_size)  # type: ignore[arg-type]
+        self._probe_pre_logits: Optional[torch.Tensor] = None
+
+        def probe(h: int, w: int) -> Tuple[List[ExitPoint], int]:
+            x = torch.zeros(_PROBE_BATCH, chans, h, w)
+
+            def run() -> None:
+                _, self._probe_pre_logits = run_head(self.head, self.extract_feat(x))
+
+            with _eval_no_grad(self):
+                return discover_exit_points(self.backbone, candidates, self.sd_config, run, (h, w), _PROBE_BATCH)
+
+        try:
+            return probe(h, w)
+        except (RuntimeError, AssertionError) as e:  # the input is too small for this backbone
+            if probe_size is not None or max(h, w) >= _FALLBACK_PROBE_SIZE:
+                raise ValueError(
+                    f"the probe forward pass of {type(self.backbone).__name__} at {h}x{w} failed ({e}); set "
+                    "SelfDistillClassifier(probe_size=...) to an input size this backbone accepts."
+                ) from e
+            return probe(_FALLBACK_PROBE_SIZE, _FALLBACK_PROBE_SIZE)
+
+    def _check_exit_heads(self, width: int) -> None:
+        teacher = self._probe_pre_logits
+        del self._probe_pre_logits
+        if teacher is None or teacher.dim() != 2:
+            raise TypeError(
+                f"head {type(self.head).__name__}.pre_logits gave {None if teacher is None else tuple(teacher.shape)};"
+                " the feature hint needs (N, D) features."
+            )
+        num_classes = self.head.num_classes  # type: ignore[union-attr]
+        with _eval_no_grad(self):
+            for head in self.exit_heads:
+                logits, pre = run_head(head, (torch.zeros(2, width),))
+                if tuple(logits.shape) != (2, num_classes) or tuple(pre.shape) != (2, teacher.shape[1]):
+                    raise TypeError(
+                        f"head {type(head).__name__} copied for an exit gives logits {tuple(logits.shape)} and "
+                        f"features {tuple(pre.shape)} from (2, {width}) inputs; expected (2, {num_classes}) and "
+                        f"(2, {teacher.shape[1]}) like the deepest head. Use LinearClsHead or "
+                        "VisionTransformerClsHead."
+                    )
+
+    # ------------------------------------------------------ MultiExitModel
+    @property
+    def exit_points(self) -> Sequence[ExitPoint]:
+        """Where each exit reads its feature, relative to :meth:`tapped_module` (the backbone)."""
+        return self._exit_points
+
+    @property
+    def num_exits(self) -> int:
+        return len(self._exit_points)
+
+    def tapped_module(self) -> nn.Module:
+        return self.backbone
+
+    def forward_deepest(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Logits of the deepest classifier (the unmodified model), (N, num_classes)."""
+        return self.head(self.extract_feat(inputs))  # type: ignore[misc]
+
+    def forward_exit(self, k: int, feature: torch.Tensor) -> torch.Tensor:
+        """Logits of exit ``k`` (0-based, shallowest first) from its tapped feature."""
+        return self._run_exit(k, feature)[0]
+
+    def _run_exit(self, k: int, feature: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < self.num_exits:
+            raise ValueError(f"exit index k={k!r} is out of range: this model has exits 0..{self.num_exits - 1}.")
+        return run_head(self.exit_heads[k], self.exit_necks[k](feature))
+
+    # --------------------------------------------------------------- train
+    def set_distill_scale(self, scale: float) -> None:
+        """Scale the KD and hint weights (used by :class:`DistillWeightWarmupHook`)."""
+        self.distill_loss.set_distill_scale(scale)
+
+    def _forward_all(self, inputs: torch.Tensor) -> Tuple[Any, SelfDistillOutput]:
+        features: Dict[int, torch.Tensor] = {}
+        handles = []
+        for i, point in enumerate(self._exit_points):
+
+            def hook(module: nn.Module, args: Any, output: Any, i: int = i, point: ExitPoint = point) -> None:
+                features[i] = select_feature(output, point)
+
+            handles.append(get_submodule(self.backbone, point.module).register_forward_hook(hook))
+        try:
+            feats = self.extract_feat(inputs)
+        finally:
+            for h in handles:
+                h.remove()
+        if len(features) != self.num_exits:
+            raise RuntimeError(f"exit modules {[p.module for p in self._exit_points]} did not all run.")
+        logits, pre = run_head(self.head, feats)  # type: ignore[arg-type]
+        exits = [self._run_exit(k, features[k]) for k in range(self.num_exits)]
+        for k, (lg, f) in enumerate(exits, 1):
+            if lg.shape != logits.shape or f.shape != pre.shape:
+                raise ValueError(
+                    f"exit {k} gives logits {tuple(lg.shape)} and features {tuple(f.shape)}, the deepest head "
+                    f"{tuple(logits.shape)} and {tuple(pre.shape)}; they must match exactly."
+                )
+        out = SelfDistillOutput(logits, pre, [lg for lg, _ in exits], [f for _, f in exits])
+        return feats, out
+
+    def loss(self, inputs: torch.Tensor, data_samples: List[DataSample]) -> dict:
+        """Deepest head loss plus every exit's CE, KD and hint terms (see the class docstring)."""
+        _, out = self._forward_all(inputs)
+        target = targets_of(data_samples)
+        return self.distill_loss(
+            out,
+            target.to(out.logits.device),
+            ce_fn=head_loss_fn(self.head),  # type: ignore[arg-type]
+            exit_ce_fns=[head_loss_fn(h) for h in self.exit_heads],
+        )
+
+    # ----------------------------------------------------------- inference
+    def _exit_only(self, inputs: torch.Tensor, k: int) -> torch.Tensor:
+        """Logits of exit ``k`` (0-based); the backbone stops right after the exit's module."""
+        point = self._exit_points[k]
+        got: List[torch.Tensor] = []
+
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            got.append(select_feature(output, point))
+            raise StopForward
+
+        handle = get_submodule(self.backbone, point.module).register_forward_hook(hook)
+        try:
+            self.backbone(inputs)
+        except StopForward:
+            pass
+        finally:
+            handle.remove()
+        return self.forward_exit(k, got[0])
+
+    def _selected_logits(self, inputs: torch.Tensor) -> Optional[torch.Tensor]:
+        """Logits chosen by ``predict_exit`` when it is not the deepest classifier, else None."""
+        p = self.sd_config.predict_exit
+        if isinstance(p, int) and p <= self.num_exits:
+            return self._exit_only(inputs, p - 1)
+        if p == "ensemble":
+            return self._forward_all(inputs)[1].ensemble_probs().log()
+        return None
+
+    def forward(
+        self, inputs: torch.Tensor, data_samples: Optional[List[DataSample]] = None, mode: str = "tensor"
+    ) -> Any:
+        """As ``ImageClassifier.forward``; ``'tensor'`` gives the ``predict_exit`` classifier's logits.
+
+        For ``predict_exit='ensemble'`` the tensor is the log of the mean softmax
+        (its softmax is the ensemble's probabilities).
+        """
+        if mode == "tensor":
+            selected = self._selected_logits(inputs)
+            if selected is not None:
+                return selected
+        return super().forward(inputs, data_samples, mode)
+
+    def predict(
+        self, inputs: torch.Tensor, data_samples: Optional[List[DataSample]] = None, **kwargs: Any
+    ) -> List[DataSample]:
+        """Predictions of the ``predict_exit`` classifier; with ``exit_scores`` in the Runner's val/test loops."""
+        if not self._attach_exit_scores:
+            selected = self._selected_logits(inputs)
+            if selected is None:
+                return super().predict(inputs, data_samples, **kwargs)
+            return _to_samples(selected, data_samples)
+        feats, out = self._forward_all(inputs)
+        p = self.sd_config.predict_exit
+        if p == "ensemble":
+            samples = _to_samples(out.ensemble_probs().log(), data_samples)
+        elif isinstance(p, int) and p <= self.num_exits:
+            samples = _to_samples(out.exit_logits[p - 1], data_samples)
+        else:
+            samples = self.head.predict(feats, data_samples, **kwargs)  # type: ignore[union-attr]
+        scores = torch.stack([lg.float().softmax(dim=1) for lg in out.all_logits()], dim=1).detach()
+        for sample, s in zip(samples, scores):
+            sample.set_field(s, EXIT_SCORES, dtype=torch.Tensor)
+        return samples
+
+    @contextlib.contextmanager
+    def _exit_scores_on(self) -> Iterator[None]:
+        self._attach_exit_scores = self.eval_exits
+        try:
+            yield
+        finally:
+            self._attach_exit_scores = False
+
+    def val_step(self, data: Union[tuple, dict, list]) -> list:
+        """``ImageClassifier.val_step`` with every exit's scores attached (``eval_exits``)."""
+        with self._exit_scores_on():
+            return super().val_step(data)
+
+    def test_step(self, data: Union[tuple, dict, list]) -> list:
+        """``ImageClassifier.test_step`` with every exit's scores attached (``eval_exits``)."""
+        with self._exit_scores_on():
+            return super().test_step(data)
+
+
+def _to_samples(logits: torch.Tensor, data_samples: Optional[List[DataSample]]) -> List[DataSample]:
+    """DataSamples with ``pred_score`` (softmax) and ``pred_label``, as ``ClsHead`` fills them."""
+    scores = logits.float().softmax(dim=1).detach()
+    labels = scores.argmax(dim=1, keepdim=True)
+    samples = data_samples if data_samples is not None else [DataSample() for _ in range(scores.size(0))]
+    for sample, score, label in zip(samples, scores, labels):
+        sample.set_pred_score(score).set_pred_label(label)
+    return list(samples)
+
+
+@contextlib.contextmanager
+def _eval_no_grad(module: nn.Module) -> Iterator[None]:
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        module.train(was_training)

@@ -1,0 +1,76 @@
+"""``MultiExitAccuracy``: top-k accuracy of every exit, the deepest classifier and their ensemble."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import torch
+from mmengine.evaluator import BaseMetric
+from mmpretrain.evaluation.metrics import Accuracy
+from mmpretrain.registry import METRICS
+
+from .classifier import EXIT_SCORES
+
+__all__ = ["MultiExitAccuracy"]
+
+
+@METRICS.register_module()
+class MultiExitAccuracy(BaseMetric):
+    """Accuracy of each exit of a :class:`SelfDistillClassifier`, its deepest classifier and the ensemble.
+
+    Reads the ``exit_scores`` that ``SelfDistillClassifier`` attaches to every
+    DataSample during validation and testing. Metric names are
+    ``exit{k}_top{n}`` (k = 1 is the shallowest exit), ``deepest_top{n}`` and
+    ``ensemble_top{n}`` (mean softmax of all, BYOT's "ensemble"), in percent,
+    under the prefix (e.g. ``multi-exit/deepest_top1``, usable in
+    ``CheckpointHook(save_best=...)``).
+
+    Args:
+        topk: The k of top-k accuracy, an int or a sequence of ints.
+        collect_device: Device to gather results on in distributed runs.
+        prefix: Prefix of the metric names.
+
+    Example:
+        >>> val_evaluator = dict(type='MultiExitAccuracy', topk=(1, 5))
+    """
+
+    default_prefix: Optional[str] = "multi-exit"
+
+    def __init__(
+        self,
+        topk: Union[int, Sequence[int]] = (1,),
+        collect_device: str = "cpu",
+        prefix: Optional[str] = None,
+    ) -> None:
+        super().__init__(collect_device=collect_device, prefix=prefix)
+        ks = (topk,) if isinstance(topk, int) else tuple(topk)
+        if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
+            raise ValueError(f"topk must be a positive int or a sequence of them, got {topk!r}.")
+        self.topk = ks
+
+    def process(self, data_batch: Any, data_samples: Sequence[dict]) -> None:
+        """Keep every sample's per-exit scores and label."""
+        for sample in data_samples:
+            if EXIT_SCORES not in sample:
+                raise KeyError(
+                    f"MultiExitAccuracy needs '{EXIT_SCORES}' in the predictions: use it with "
+                    "model=dict(type='SelfDistillClassifier') and eval_exits=True (the default)."
+                )
+            scores = sample[EXIT_SCORES]
+            if scores.dim() != 2:
+                raise ValueError(f"'{EXIT_SCORES}' must be (num_exits + 1, num_classes), got {tuple(scores.shape)}.")
+            self.results.append({"scores": scores.cpu(), "label": sample["gt_label"].cpu().reshape(-1)[:1]})
+
+    def compute_metrics(self, results: List[dict]) -> Dict[str, float]:
+        """Top-k accuracy (percent) per exit, deepest and ensemble."""
+        scores = torch.stack([r["scores"] for r in results])  # (N, E + 1, C)
+        target = torch.cat([r["label"] for r in results])
+        n_outputs = scores.shape[1]
+        names = [f"exit{k}" for k in range(1, n_outputs)] + ["deepest"]
+        per_output = [scores[:, i] for i in range(n_outputs)] + [scores.mean(dim=1)]
+        metrics: Dict[str, float] = {}
+        for name, pred in zip([*names, "ensemble"], per_output):
+            accs = Accuracy.calculate(pred, target, topk=self.topk)
+            for k, acc in zip(self.topk, accs):
+                metrics[f"{name}_top{k}"] = float(acc[0] if isinstance(acc, (list, tuple)) else acc)
+        return metrics

@@ -1,0 +1,148 @@
+"""SelfDistillClassifier on MMPretrain's packaged classification configs, one per backbone family.
+
+Each case loads the packaged config, adds ``type='SelfDistillClassifier'`` (the
+two lines), shrinks it (5 classes, small input, smallest variant of the
+family), runs one training step and checks that every exit parameter gets a
+gradient and that inference equals the plain ImageClassifier with the same weights.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict
+
+import pytest
+import torch
+from _mmp_helpers import batch, build_pair, exit_param_grads, load_model_cfg
+
+pytestmark = pytest.mark.mmpretrain
+
+GAP = {"type": "GlobalAveragePooling"}
+
+# (packaged config, shrinking overrides, input size)
+CASES: Dict[str, Any] = {
+    "resnet18_in1k": ("resnet/resnet18_8xb32_in1k.py", {}, 32),
+    "resnet18_cifar": ("resnet/resnet18_8xb16_cifar10.py", {}, 32),
+    "resnet34_cifar": ("resnet/resnet34_8xb16_cifar10.py", {}, 32),
+    "resnetv1d": ("resnet/resnetv1d50_8xb32_in1k.py", {}, 32),
+    "resnext50": ("resnext/resnext50-32x4d_8xb32_in1k.py", {}, 32),
+    "seresnet50": ("seresnet/seresnet50_8xb32_in1k.py", {}, 32),
+    "regnetx_400mf": ("regnet/regnetx-400mf_8xb128_in1k.py", {}, 32),
+    "mobilenet_v2": ("mobilenet_v2/mobilenet-v2_8xb32_in1k.py", {}, 32),
+    "mobilenet_v3_small": ("mobilenet_v3/mobilenet-v3-small_8xb128_in1k.py", {}, 32),
+    "efficientnet_b0": ("efficientnet/efficientnet-b0_8xb32_in1k.py", {}, 32),
+    "shufflenet_v2": ("shufflenet_v2/shufflenet-v2-1x_16xb64_in1k.py", {}, 32),
+    "densenet121": ("densenet/densenet121_4xb256_in1k.py", {}, 32),
+    # VGG's packaged config computes the logits in the backbone (ClsHead has no classifier of its
+    # own); the exits need a real head, so the backbone's classifier is replaced by GAP + LinearClsHead.
+    "vgg11bn": (
+        "vgg/vgg11bn_8xb32_in1k.py",
+        {"backbone.num_classes": -1, "neck": GAP, "head": {"type": "LinearClsHead", "in_channels": 512}},
+        32,
+    ),
+    "convnext_atto": ("convnext/convnext-tiny_32xb128_in1k.py", {"backbone.arch": "atto", "head.in_channels": 320}, 32),
+    "swin_tiny": (
+        "swin_transformer/swin-tiny_16xb64_in1k.py",
+        {"backbone.img_size": 64, "backbone.pad_small_map": True},
+        64,
+    ),
+    "deit_tiny": ("deit/deit-tiny_4xb256_in1k.py", {"backbone.img_size": 32}, 32),
+    "vit_hidden_head": (
+        "vision_transformer/vit-base-p16_64xb64_in1k.py",
+        {"backbone.arch": "deit-tiny", "backbone.img_size": 32, "head.in_channels": 192, "head.hidden_dim": 64},
+        32,
+    ),
+    "convmixer_isotropic": (
+        "convmixer/convmixer-768-32_10xb64_in1k.py",
+        {"backbone.arch": {"embed_dims": 32, "depth": 8, "patch_size": 4, "kernel_size": 3}, "head.in_channels": 32},
+        32,
+    ),
+    "poolformer_s12": ("poolformer/poolformer-s12_32xb128_in1k.py", {}, 32),
+    "efficientnet_v2_b0": ("efficientnet_v2/efficientnetv2-b0_8xb32_in1k.py", {}, 32),
+    "res2net": ("res2net/res2net50-w14-s8_8xb32_in1k.py", {}, 32),
+    "timm_resnet18": (
+        "resnet/resnet18_8xb16_cifar10.py",
+        {"backbone": {"type": "TIMMBackbone", "model_name": "resnet18", "pretrained": False}, "neck": GAP},
+        32,
+    ),
+    "timm_convnext_features_only": (
+        "resnet/resnet18_8xb16_cifar10.py",
+        {
+            "backbone": {
+                "type": "TIMMBackbone",
+                "model_name": "convnext_atto",
+                "features_only": True,
+                "out_indices": (3,),
+                "pretrained": False,
+            },
+            "neck": GAP,
+            "head.in_channels": 320,
+        },
+        32,
+    ),
+}
+
+
+# Bigger models (ResNet-50 class, DenseNet-121, EfficientNets): tens of seconds each on a shared CPU.
+SLOW = {
+    "resnet34_cifar",
+    "resnetv1d",
+    "resnext50",
+    "seresnet50",
+    "regnetx_400mf",
+    "mobilenet_v2",
+    "efficientnet_b0",
+    "densenet121",
+    "efficientnet_v2_b0",
+    "res2net",
+}
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW else c for c in sorted(CASES)])
+def test_family_train_step_and_deepest_inference(case: str) -> None:
+    rel, overrides, size = CASES[case]
+    model_cfg = load_model_cfg(rel, overrides)
+    sd, plain = build_pair(model_cfg)
+    assert sd.num_exits >= 2, f"{case}: only {sd.num_exits} exits at {[p.module for p in sd.exit_points]}"
+
+    # One training step: every term is finite, every exit parameter learns.
+    sd.train()
+    inputs, samples = batch(sd, size)
+    losses = sd(inputs, samples, mode="loss")
+    expected = {"loss_ce"} | {f"exit{k}_loss_{t}" for k in range(1, sd.num_exits + 1) for t in ("ce", "kd", "hint")}
+    assert set(losses) == expected
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    total.backward()
+    grads = exit_param_grads(sd)
+    assert grads and all(g > 0 for g in grads.values()), {k: g for k, g in grads.items() if g <= 0}
+
+    # Inference runs the deepest classifier only and equals the plain ImageClassifier.
+    # (the training step moved BatchNorm statistics: copy them over first)
+    sd.eval()
+    plain.eval()
+    plain.load_state_dict({k: v for k, v in sd.state_dict().items() if not k.startswith("exit_")}, strict=True)
+    x = torch.randn(3, 3, size, size)
+    with torch.no_grad():
+        torch.testing.assert_close(sd(x, mode="tensor"), plain(x, mode="tensor"))
+        got = sd(x, mode="predict")
+        want = plain(x, mode="predict")
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.pred_score, b.pred_score)
+        assert "exit_scores" not in a
+
+
+@pytest.mark.parametrize(
+    "case, modules",
+    [
+        ("mobilenet_v2", ["layer2", "layer3", "layer5"]),  # grouped by resolution, stem-level group dropped
+        ("convmixer_isotropic", ["stages.1", "stages.3", "stages.5"]),  # one resolution: blocks at 1/4, 2/4, 3/4
+        ("swin_tiny", ["stages.0", "stages.1", "stages.2"]),
+        ("timm_resnet18", ["timm_model.layer1", "timm_model.layer2", "timm_model.layer3"]),
+    ],
+)
+def test_exit_placement(case: str, modules: list) -> None:
+    from mmpretrain.registry import MODELS
+
+    rel, overrides, _ = CASES[case]
+    model = MODELS.build(dict(load_model_cfg(rel, overrides), type="SelfDistillClassifier"))
+    assert [p.module for p in model.exit_points] == modules
