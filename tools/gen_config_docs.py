@@ -42,6 +42,11 @@ COMPONENTS: List[Tuple[str, str, str]] = [
         "sd_plugin.mmpretrain_adapter:SelfDistillClassifier",
         "Options besides the self-distillation options above and those of mmpretrain's `ImageClassifier`.",
     ),
+    (
+        "`SelfDistillLoss` (MMPretrain loss module)",
+        "sd_plugin.mmpretrain_adapter:SelfDistillLoss",
+        "Registered in MMPretrain's MODELS; returns the named terms as a dict for mmengine's logger.",
+    ),
     ("`SelfDistillExitNeck` (MMPretrain neck)", "sd_plugin.mmpretrain_adapter:SelfDistillExitNeck", ""),
     ("`DistillWeightWarmupHook` (MMPretrain hook)", "sd_plugin.mmpretrain_adapter:DistillWeightWarmupHook", ""),
     ("`MultiExitAccuracy` (MMPretrain metric)", "sd_plugin.mmpretrain_adapter:MultiExitAccuracy", ""),
