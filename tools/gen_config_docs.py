@@ -49,6 +49,7 @@ COMPONENTS: List[Tuple[str, str, str]] = [
     ),
     ("`SelfDistillExitNeck` (MMPretrain neck)", "sd_plugin.mmpretrain_adapter:SelfDistillExitNeck", ""),
     ("`DistillWeightWarmupHook` (MMPretrain hook)", "sd_plugin.mmpretrain_adapter:DistillWeightWarmupHook", ""),
+    ("`SaveStrippedCheckpointHook` (MMPretrain hook)", "sd_plugin.mmpretrain_adapter:SaveStrippedCheckpointHook", ""),
     ("`MultiExitAccuracy` (MMPretrain metric)", "sd_plugin.mmpretrain_adapter:MultiExitAccuracy", ""),
 ]
 

@@ -2,13 +2,15 @@
 
 Importing it (``import sd_plugin`` does) registers into MMPretrain's registries:
 ``SelfDistillClassifier``, ``SelfDistillExitNeck`` and ``SelfDistillLoss`` (MODELS),
-``DistillWeightWarmupHook`` (HOOKS) and ``MultiExitAccuracy`` (METRICS).
+``DistillWeightWarmupHook`` and ``SaveStrippedCheckpointHook`` (HOOKS) and
+``MultiExitAccuracy`` (METRICS).
 """
 
 from .classifier import EXIT_SCORES, SelfDistillClassifier
 from .distill_loss import SelfDistillLoss
 from .exit_neck import SelfDistillExitNeck
 from .metric import MultiExitAccuracy
+from .save_stripped_checkpoint_hook import SaveStrippedCheckpointHook
 from .warmup_hook import DistillWeightWarmupHook
 
 __all__ = [
@@ -18,4 +20,5 @@ __all__ = [
     "SelfDistillLoss",
     "MultiExitAccuracy",
     "DistillWeightWarmupHook",
+    "SaveStrippedCheckpointHook",
 ]

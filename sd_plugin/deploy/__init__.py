@@ -1,0 +1,33 @@
+"""Using the exits after training: early-exit inference, calibration, truncation, stripping, ONNX.
+
+Everything works on any :class:`~sd_plugin.core.MultiExitModel` (``sd_plugin.wrap(...)``,
+MMPretrain's ``SelfDistillClassifier``) in plain torch. ``exit_costs`` needs mmengine and
+``export_onnx`` needs onnx/onnxruntime; they are imported when called.
+"""
+
+from .calibrate import ExitLogits, calibrate, collect_exit_logits, evaluate_policy
+from .early_exit import EarlyExitModel, EarlyExitOutput
+from .flops import ExitCosts, exit_costs
+from .onnx import check_onnx, export_onnx
+from .policy import ExitPolicy
+from .strip import plain_state_dict, strip_checkpoint, strip_state_dict
+from .truncate import TruncatedModel, truncate
+
+__all__ = [
+    "EarlyExitModel",
+    "EarlyExitOutput",
+    "ExitPolicy",
+    "ExitLogits",
+    "collect_exit_logits",
+    "evaluate_policy",
+    "calibrate",
+    "ExitCosts",
+    "exit_costs",
+    "TruncatedModel",
+    "truncate",
+    "export_onnx",
+    "check_onnx",
+    "strip_state_dict",
+    "strip_checkpoint",
+    "plain_state_dict",
+]

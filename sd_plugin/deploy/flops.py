@@ -1,0 +1,104 @@
+"""FLOPs and parameters up to each exit, counted by mmengine's ``FlopAnalyzer``.
+
+mmengine's tracer cannot follow a forward pass that a hook ends early, so the
+cost of the backbone up to exit ``k`` is the deepest pass's FLOPs minus those of
+the submodules that the truncated model drops (:class:`TruncatedModel` finds
+them by running it); the exit's own FLOPs are counted on its feature.
+FLOPs follow mmengine/fvcore's convention: one multiply-add counts as one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, List, Sequence, cast
+
+import torch
+import torch.nn as nn
+
+from ..core import FeatureTaps, MultiExitModel
+from .early_exit import as_multi_exit
+from .truncate import TruncatedModel
+
+__all__ = ["ExitCosts", "exit_costs", "count_flops"]
+
+
+def count_flops(module: nn.Module, *inputs: Any) -> tuple:
+    """(total, by_module) FLOPs of ``module(*inputs)`` with mmengine's ``FlopAnalyzer``."""
+    from mmengine.analysis import FlopAnalyzer
+
+    analyzer = FlopAnalyzer(module, inputs)
+    analyzer.unsupported_ops_warnings(False)
+    analyzer.uncalled_modules_warnings(False)
+    analyzer.tracer_warnings("none")
+    return int(analyzer.total()), {k: int(v) for k, v in analyzer.by_module().items()}
+
+
+class _Call(nn.Module):
+    """``fn_name`` of ``model`` as a module forward, for the FLOP counter."""
+
+    def __init__(self, model: nn.Module, fn_name: str, *extra: Any) -> None:
+        super().__init__()
+        self.model = model
+        self.fn_name = fn_name
+        self.extra = extra
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return cast(torch.Tensor, getattr(self.model, self.fn_name)(*self.extra, x))
+
+
+@dataclass
+class ExitCosts:
+    """Per-exit costs of a model with E exits.
+
+    Attributes:
+        flops: E + 1 FLOPs of a standalone model ending at each exit (the last: the plain model).
+        params: E + 1 parameters of those models.
+        exit_flops: E FLOPs of each exit block alone, on its feature.
+    """
+
+    flops: List[int]
+    params: List[int]
+    exit_flops: List[int]
+
+    def answer_costs(self) -> List[int]:
+        """FLOPs spent on a sample answered at each exit under early exit (earlier exits included)."""
+        out = []
+        for k, f in enumerate(self.flops):
+            out.append(f + sum(self.exit_flops[:k]))
+        return out
+
+    def fractions(self) -> List[float]:
+        """:attr:`flops` relative to the plain model's."""
+        return [f / self.flops[-1] for f in self.flops]
+
+    def answer_fractions(self) -> List[float]:
+        """:meth:`answer_costs` relative to the plain model's FLOPs (the last one exceeds 1 by the exits' cost)."""
+        return [f / self.flops[-1] for f in self.answer_costs()]
+
+
+def _params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@torch.no_grad()
+def exit_costs(model: nn.Module, example_input: torch.Tensor) -> ExitCosts:
+    """FLOPs and parameters up to each exit, for inputs shaped like ``example_input`` (batch 1 advised).
+
+    Args:
+        model: A :class:`~sd_plugin.core.MultiExitModel` in eval mode.
+        example_input: An input batch, e.g. ``torch.randn(1, 3, 224, 224)``.
+    """
+    mx: MultiExitModel = as_multi_exit(model)
+    module = cast(nn.Module, model)
+    deepest_total, by_module = count_flops(_Call(module, "forward_deepest"), example_input)
+    with FeatureTaps(mx.tapped_module(), mx.exit_points) as taps:
+        mx.forward_deepest(example_input)
+    feats: Sequence[torch.Tensor] = taps.features
+    exit_flops = [count_flops(_Call(module, "forward_exit", k), f)[0] for k, f in enumerate(feats)]
+    flops, params = [], []
+    for k in range(mx.num_exits + 1):
+        trunc = TruncatedModel(module, k, example_input)
+        dropped = sum(by_module.get(f"model.{name}", 0) for name in trunc.pruned)
+        flops.append(deepest_total - dropped + (exit_flops[k] if k < mx.num_exits else 0))
+        params.append(_params(trunc))
+    return ExitCosts(flops, params, exit_flops)

@@ -1,0 +1,115 @@
+"""Strip the exits from a self-distillation checkpoint: the user's original model loads it with ``strict=True``.
+
+The deepest classifier *is* the original model, so stripping only drops the exit
+weights: ``sd_exits.*`` (timm's ``SelfDistillModel``, whose other keys are the
+timm model's own) and ``exit_necks.*`` / ``exit_heads.*`` / ``distill_loss.*``
+(MMPretrain's ``SelfDistillClassifier``, whose other keys are ImageClassifier's).
+
+Command line::
+
+    python -m sd_plugin.deploy.strip IN.pth OUT.pth [--check-config ORIGINAL_CFG.py]
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+
+__all__ = ["EXIT_PREFIXES", "strip_state_dict", "strip_checkpoint", "plain_state_dict", "main"]
+
+#: Key prefixes of the exits' weights in the adapters' state dicts.
+EXIT_PREFIXES = ("sd_exits.", "exit_necks.", "exit_heads.", "distill_loss.")
+
+_PREFIX_PREFIXES = ("", "module.", "ema_", "ema_model.")
+
+
+def strip_state_dict(state_dict: Mapping[str, Any], prefixes: Sequence[str] = EXIT_PREFIXES) -> Dict[str, Any]:
+    """A copy of ``state_dict`` without the keys of the exits (order kept)."""
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}.")
+    drops = tuple(outer + p for outer in _PREFIX_PREFIXES for p in prefixes)
+    return OrderedDict((k, v) for k, v in state_dict.items() if not k.startswith(drops))
+
+
+def plain_state_dict(model: nn.Module) -> Dict[str, Any]:
+    """The original model's state dict from a live self-distillation model (DDP / mmengine wrappers unwrapped)."""
+    from_wrapper = getattr(model, "module", None)
+    if isinstance(from_wrapper, nn.Module) and not hasattr(model, "num_exits"):
+        model = from_wrapper
+    if not hasattr(model, "num_exits"):
+        raise TypeError(
+            f"{type(model).__name__} has no exits: pass the model from sd_plugin.wrap(...) or a SelfDistillClassifier."
+        )
+    return strip_state_dict(model.state_dict())
+
+
+def strip_checkpoint(
+    src: Union[str, Path, Mapping[str, Any]], dst: Optional[Union[str, Path]] = None
+) -> Dict[str, Any]:
+    """Strip a checkpoint file (or loaded dict) and optionally save it.
+
+    A dict with ``'state_dict'`` (mmengine, MMPretrain) keeps its ``'meta'`` (with
+    ``'sd_plugin_stripped': True`` and the dropped key count added) and loses the
+    optimizer, scheduler and message-hub state, which belong to the training run;
+    a bare state dict stays bare.
+
+    Args:
+        src: Path of a checkpoint, or the loaded object.
+        dst: Where to save the stripped checkpoint (``None``: do not save).
+
+    Returns:
+        The stripped checkpoint.
+    """
+    ckpt: Any = torch.load(src, map_location="cpu", weights_only=True) if isinstance(src, (str, Path)) else src
+    if not isinstance(ckpt, Mapping):
+        raise TypeError(f"a checkpoint must be a dict, got {type(ckpt).__name__}.")
+    if "state_dict" in ckpt and isinstance(ckpt["state_dict"], Mapping):
+        state = strip_state_dict(ckpt["state_dict"])
+        meta = dict(ckpt.get("meta") or {})
+        meta["sd_plugin_stripped"] = True
+        meta["sd_plugin_dropped_keys"] = len(ckpt["state_dict"]) - len(state)
+        out: Dict[str, Any] = {"meta": meta, "state_dict": state}
+    else:
+        out = strip_state_dict(ckpt)
+    if len(out.get("state_dict", out)) == len(ckpt.get("state_dict", ckpt)):
+        raise ValueError("the checkpoint has no exit weights to strip: is it a self-distillation checkpoint?")
+    if dst is not None:
+        Path(dst).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(out, dst)
+    return out
+
+
+def _check_mm(stripped: Mapping[str, Any], config: str) -> None:
+    from mmengine.config import Config
+    from mmpretrain.registry import MODELS
+
+    import sd_plugin  # noqa: F401  (registers the components the config may name)
+
+    cfg = Config.fromfile(config)
+    if cfg.model.get("type") == "SelfDistillClassifier":
+        raise ValueError(f"{config} builds a SelfDistillClassifier; give the original config, without the two lines.")
+    model = MODELS.build(cfg.model)
+    model.load_state_dict(stripped.get("state_dict", stripped), strict=True)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    """``python -m sd_plugin.deploy.strip IN OUT [--check-config CFG]``."""
+    parser = argparse.ArgumentParser(prog="python -m sd_plugin.deploy.strip", description=__doc__.splitlines()[0])
+    parser.add_argument("src", help="self-distillation checkpoint (.pth)")
+    parser.add_argument("dst", help="stripped checkpoint to write")
+    parser.add_argument("--check-config", help="original MMPretrain config: build it and load OUT with strict=True")
+    args = parser.parse_args(argv)
+    stripped = strip_checkpoint(args.src, args.dst)
+    if args.check_config:
+        _check_mm(stripped, args.check_config)
+    n = len(stripped.get("state_dict", stripped))
+    print(f"wrote {args.dst}: {n} tensors" + (" (strict load checked)" if args.check_config else ""))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""A tiny three-stage CNN with two exits that implements ``sd_plugin.core.MultiExitModel``."""
+
+from __future__ import annotations
+
+from typing import List, Sequence
+
+import torch
+import torch.nn as nn
+
+from sd_plugin.core import ExitPoint, build_exit
+
+
+class CountingStage(nn.Module):
+    """A conv stage that records the batch size of every call (the tests' independent observer)."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, stride=stride, padding=1)
+        self.bn = nn.BatchNorm2d(cout)
+        self.calls: List[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.append(x.shape[0])
+        return torch.relu(self.bn(self.conv(x)))
+
+
+class ToyNet(nn.Module):
+    """The user's plain model: stem, three stages, pooled linear head."""
+
+    def __init__(self, num_classes: int = 5) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.stages = nn.ModuleList([CountingStage(8, 8, 1), CountingStage(8, 16, 2), CountingStage(16, 32, 2)])
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+class ToyMultiExit(nn.Module):
+    """``ToyNet`` with exits after stages 0 and 1."""
+
+    def __init__(self, num_classes: int = 5) -> None:
+        super().__init__()
+        self.net = ToyNet(num_classes)
+        self.points = [ExitPoint("stages.0", "NCHW", 8, stride=4), ExitPoint("stages.1", "NCHW", 16, stride=2)]
+        self.exits = nn.ModuleList(build_exit(p.fmt, p.channels, 32, p.stride) for p in self.points)
+        self.exit_heads = nn.ModuleList(nn.Linear(32, num_classes) for _ in self.points)
+
+    @property
+    def exit_points(self) -> Sequence[ExitPoint]:
+        return self.points
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.points)
+
+    def tapped_module(self) -> nn.Module:
+        return self.net
+
+    def forward_deepest(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.net(inputs)
+
+    def forward_exit(self, k: int, feature: torch.Tensor) -> torch.Tensor:
+        return self.exit_heads[k](self.exits[k](feature))
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.forward_deepest(inputs)
+
+    def reset_calls(self) -> None:
+        for stage in self.net.stages:
+            if isinstance(stage, CountingStage):
+                stage.calls.clear()
+
+
+def toy(seed: int = 0) -> ToyMultiExit:
+    torch.manual_seed(seed)
+    model = ToyMultiExit()
+    # Non-trivial batch-norm statistics so that eval mode differs from identity.
+    model.train()
+    with torch.no_grad():
+        for _ in range(2):
+            model.net(torch.randn(8, 3, 16, 16))
+    return model.eval()
+
+
+def all_exit_logits(model: ToyMultiExit, x: torch.Tensor) -> List[torch.Tensor]:
+    """Every exit's logits then the deepest, computed the slow, obvious way (no hooks)."""
+    net = model.net
+    h = net.stem(x)
+    feats = []
+    for stage in net.stages:
+        h = stage(h)
+        feats.append(h)
+    return [model.forward_exit(0, feats[0]), model.forward_exit(1, feats[1]), net.fc(h.mean(dim=(2, 3)))]

@@ -1,0 +1,111 @@
+import logging
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytest.importorskip("mmpretrain")
+from mmpretrain.registry import HOOKS, MODELS  # noqa: E402
+
+import sd_plugin  # noqa: E402, F401  (registers SelfDistillClassifier)
+from sd_plugin.deploy import EarlyExitModel, collect_exit_logits, strip_checkpoint, truncate  # noqa: E402
+from sd_plugin.deploy.strip import main as strip_main  # noqa: E402
+from sd_plugin.mmpretrain_adapter.save_stripped_checkpoint_hook import SaveStrippedCheckpointHook  # noqa: E402
+
+pytestmark = pytest.mark.mmpretrain
+
+CONFIGS = {
+    "cnn": dict(
+        backbone=dict(type="ResNet", depth=18, stem_channels=16, base_channels=16, out_indices=(3,)),
+        neck=dict(type="GlobalAveragePooling"),
+        head=dict(type="LinearClsHead", num_classes=5, in_channels=128, loss=dict(type="CrossEntropyLoss")),
+    ),
+    "vit": dict(
+        backbone=dict(
+            type="VisionTransformer",
+            arch=dict(embed_dims=48, num_layers=4, num_heads=2, feedforward_channels=96),
+            img_size=32,
+            patch_size=8,
+        ),
+        head=dict(type="VisionTransformerClsHead", num_classes=5, in_channels=48),
+    ),
+}
+
+
+def _sd_model(name: str):
+    torch.manual_seed(0)
+    model = MODELS.build(dict(type="SelfDistillClassifier", **CONFIGS[name]))
+    with torch.no_grad():
+        for key in ("exit_necks", "exit_heads"):
+            for p in getattr(model, key).parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        model.train()
+        model.extract_feat(torch.randn(4, 3, 32, 32))  # BN statistics away from their initial values
+    return model.eval()
+
+
+def _plain(name: str):
+    return MODELS.build(dict(type="ImageClassifier", **CONFIGS[name])).eval()
+
+
+@pytest.mark.parametrize("name", ["cnn", "vit"])
+def test_strip_round_trip_strict(name, tmp_path):
+    model = _sd_model(name)
+    x = torch.randn(2, 3, 32, 32)
+    torch.save(
+        {
+            "meta": {"epoch": 2, "dataset_meta": {"classes": list("abcde")}},
+            "state_dict": model.state_dict(),
+            "optimizer": {"state": {}},
+        },
+        tmp_path / "epoch_2.pth",
+    )
+    cfg = tmp_path / "plain_cfg.py"
+    cfg.write_text(f"model = dict(type='ImageClassifier', **{CONFIGS[name]!r})\n")
+    strip_main([str(tmp_path / "epoch_2.pth"), str(tmp_path / "plain.pth"), "--check-config", str(cfg)])
+    ckpt = torch.load(tmp_path / "plain.pth", weights_only=True)
+    assert set(ckpt) == {"meta", "state_dict"} and ckpt["meta"]["dataset_meta"]["classes"] == list("abcde")
+    plain = _plain(name)
+    plain.load_state_dict(ckpt["state_dict"], strict=True)
+    with torch.no_grad():
+        assert torch.equal(plain(x, mode="tensor"), model.forward_deepest(x))
+
+
+def test_hook_writes_stripped_checkpoint_next_to_the_normal_one(tmp_path):
+    assert HOOKS.get("SaveStrippedCheckpointHook") is SaveStrippedCheckpointHook
+    model = _sd_model("cnn")
+    target = tmp_path / "epoch_1.pth"
+    hub = SimpleNamespace(get_info=lambda key: str(target) if key == "last_ckpt" else None)
+    runner = SimpleNamespace(
+        model=model, message_hub=hub, rank=0, logger=logging.getLogger("t"), work_dir=str(tmp_path), epoch=0
+    )
+    checkpoint = {"meta": {"epoch": 1}, "state_dict": model.state_dict()}
+    hook = SaveStrippedCheckpointHook()
+    hook.before_save_checkpoint(runner, checkpoint)
+    assert hook.last_path == str(tmp_path / "epoch_1_stripped.pth")
+    saved = torch.load(hook.last_path, weights_only=True)
+    _plain("cnn").load_state_dict(saved["state_dict"], strict=True)
+    assert len(checkpoint["state_dict"]) > len(saved["state_dict"])  # the normal checkpoint keeps its exits
+    assert list(saved["state_dict"]) == list(strip_checkpoint(checkpoint)["state_dict"])
+    with pytest.raises(TypeError, match="self-distillation model"):
+        hook.before_save_checkpoint(SimpleNamespace(**{**vars(runner), "model": _plain("cnn")}), checkpoint)
+    with pytest.raises(ValueError, match="suffix"):
+        SaveStrippedCheckpointHook(suffix="")
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["cnn", "vit"])
+def test_truncation_and_early_exit_on_mmpretrain(name):
+    model = _sd_model(name)
+    x, y = torch.randn(6, 3, 32, 32), torch.zeros(6, dtype=torch.long)
+    ref = collect_exit_logits(model, [(x, y)]).logits
+    for k in range(model.num_exits + 1):
+        torch.testing.assert_close(truncate(model, k, x[:1])(x), ref[k], rtol=1e-4, atol=1e-5)
+    probs = ref[:-1].softmax(-1).max(-1).values
+    thresholds = [float(p.quantile(0.5)) for p in probs]
+    out = EarlyExitModel(model, thresholds).eval()(x)
+    expected = torch.full((6,), model.num_exits)
+    for k in reversed(range(model.num_exits)):
+        expected = torch.where(probs[k] >= thresholds[k], k, expected)
+    assert torch.equal(out.exit_index, expected)
+    torch.testing.assert_close(out.logits, ref[expected, torch.arange(6)], rtol=1e-4, atol=1e-5)

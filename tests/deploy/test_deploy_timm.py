@@ -1,0 +1,71 @@
+import pytest
+import torch
+
+timm = pytest.importorskip("timm")
+import sd_plugin  # noqa: E402
+from sd_plugin.deploy import (  # noqa: E402
+    EarlyExitModel,
+    collect_exit_logits,
+    plain_state_dict,
+    strip_checkpoint,
+    truncate,
+)
+from sd_plugin.deploy.strip import main as strip_main  # noqa: E402
+
+pytestmark = pytest.mark.timm
+
+MODELS = {
+    "cnn": lambda: timm.create_model("test_resnet", num_classes=7),
+    "vit": lambda: timm.create_model(
+        "vit_tiny_patch16_224", num_classes=7, img_size=32, patch_size=8, depth=4, embed_dim=48, num_heads=2
+    ),
+}
+
+
+def _trained_like(name: str):
+    """A wrapped model whose exits and BN statistics are not at their initial values."""
+    torch.manual_seed(0)
+    model = sd_plugin.wrap(MODELS[name](), input_size=(3, 32, 32))
+    with torch.no_grad():
+        for p in model.sd_exits.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        model.train()
+        model(torch.randn(4, 3, 32, 32))
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", ["cnn", "vit"])
+def test_strip_round_trip_strict(name, tmp_path):
+    model = _trained_like(name)
+    x = torch.randn(2, 3, 32, 32)
+    torch.save({"state_dict": model.state_dict(), "meta": {"epoch": 3}}, tmp_path / "sd.pth")
+    strip_main([str(tmp_path / "sd.pth"), str(tmp_path / "plain.pth")])
+    ckpt = torch.load(tmp_path / "plain.pth", weights_only=True)
+    assert ckpt["meta"]["epoch"] == 3 and ckpt["meta"]["sd_plugin_stripped"]
+    plain = MODELS[name]().eval()
+    plain.load_state_dict(ckpt["state_dict"], strict=True)
+    with torch.no_grad():
+        assert torch.equal(plain(x), model.forward_deepest(x))
+    # A bare state dict (timm style) and the live model give the same keys.
+    bare = strip_checkpoint(model.state_dict())
+    assert list(bare) == list(ckpt["state_dict"]) == list(plain_state_dict(model))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["cnn", "vit"])
+def test_truncation_and_early_exit_on_timm(name):
+    model = _trained_like(name)
+    x, y = torch.randn(8, 3, 32, 32), torch.zeros(8, dtype=torch.long)
+    ref = collect_exit_logits(model, [(x, y)]).logits
+    for k in range(model.num_exits + 1):
+        torch.testing.assert_close(truncate(model, k, x[:1])(x), ref[k], rtol=1e-4, atol=1e-5)
+    probs = ref[:-1].softmax(-1).max(-1).values
+    thresholds = [float(p.quantile(0.5)) for p in probs]
+    out = EarlyExitModel(model, thresholds).eval()(x)
+    expected = torch.full((8,), model.num_exits)
+    for k in reversed(range(model.num_exits)):
+        expected = torch.where(probs[k] >= thresholds[k], k, expected)
+    assert torch.equal(out.exit_index, expected)
+    torch.testing.assert_close(out.logits, ref[expected, torch.arange(8)], rtol=1e-4, atol=1e-5)
+    remaining = [8 - int((expected < k).sum()) for k in range(model.num_exits + 1)]
+    assert out.samples_per_stage == remaining
