@@ -75,27 +75,8 @@ class ConvExit(nn.Module):
         return self.pool(self.block(x)).flatten(1)
 
 
-class TokenExit(nn.Module):
-    """NLC tokens -> (N, out_features): LayerNorm, per-token MLP, mean over tokens."""
-
-    def __init__(self, in_channels: int, out_features: int, hidden_ratio: float = 0.25) -> None:
-        super().__init__()
-        hidden = _hidden(out_features, hidden_ratio)
-        self.norm = nn.LayerNorm(in_channels)
-        self.mlp = nn.Sequential(
-            nn.Linear(in_channels, hidden),
-            nn.GELU(),
-            nn.Linear(hidden, out_features),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 3:
-            raise ValueError(f"TokenExit expects (N, L, C) tokens, got shape {tuple(x.shape)}.")
-        return self.mlp(self.norm(x)).mean(dim=1)
-
-
 class VectorExit(nn.Module):
-    """(N, C) vectors (e.g. a class token) -> (N, out_features): LayerNorm and MLP."""
+    """(N, C) vectors (e.g. a class token) -> (N, out_features): LayerNorm and a two-layer MLP."""
 
     def __init__(self, in_channels: int, out_features: int, hidden_ratio: float = 0.25) -> None:
         super().__init__()
@@ -111,6 +92,15 @@ class VectorExit(nn.Module):
         if x.dim() != 2:
             raise ValueError(f"VectorExit expects (N, C) vectors, got shape {tuple(x.shape)}.")
         return self.mlp(self.norm(x))
+
+
+class TokenExit(VectorExit):
+    """NLC tokens -> (N, out_features): the same LayerNorm and MLP per token, then the mean over tokens."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 3:
+            raise ValueError(f"TokenExit expects (N, L, C) tokens, got shape {tuple(x.shape)}.")
+        return self.mlp(self.norm(x)).mean(dim=1)
 
 
 def build_exit(
