@@ -49,6 +49,7 @@ def _setup_frameworks() -> None:
         MODULE2PACKAGE.setdefault("sd_plugin", "sd-plugin")
     if importlib.util.find_spec("mmpretrain") is not None:
         importlib.import_module("sd_plugin.mmpretrain_adapter")
+        importlib.import_module("sd_plugin._amp")  # registers CPUAutocastOptimWrapper
 
 
 _setup_frameworks()

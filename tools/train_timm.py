@@ -17,10 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import sys
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
+import numpy as np
 import timm
 import torch
 import torch.distributed as dist
@@ -30,6 +32,7 @@ from timm.scheduler import create_scheduler_v2
 from torch.nn.parallel import DistributedDataParallel
 
 import sd_plugin
+from sd_plugin._io import atomic_save, atomic_write, check_checkpoint_file
 from sd_plugin.core import SelfDistillConfig, soft_cross_entropy
 from sd_plugin.timm_adapter._train_utils import (
     build_dataset,
@@ -116,6 +119,32 @@ def sd_config(args: argparse.Namespace) -> SelfDistillConfig:
     )
 
 
+def seed_epoch(seed: int, epoch: int, rank: int, loader: torch.utils.data.DataLoader) -> None:
+    """Seed every random source from (seed, epoch, rank), so a resumed run repeats the epochs it re-runs exactly."""
+    epoch_seed = seed + 1000 * epoch + rank
+    random.seed(epoch_seed)
+    np.random.seed(epoch_seed % 2**32)
+    torch.manual_seed(epoch_seed)
+    if loader.generator is not None:
+        loader.generator.manual_seed(epoch_seed)
+
+
+RESUME_KEYS = ("state_dict", "optimizer", "scheduler", "epoch")
+
+
+def _load_resume_checkpoint(path: str) -> Dict[str, Any]:
+    """The checkpoint-last.pth of an earlier run, or a ValueError that says what the file is instead."""
+    check_checkpoint_file(path, "--resume")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    missing = [k for k in RESUME_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise ValueError(
+            f"--resume {path!r} is not a checkpoint of tools/train_timm.py (no {missing}): resume from the "
+            "checkpoint-last.pth of an earlier run; to start from plain timm weights use --initial-checkpoint."
+        )
+    return ckpt
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     info = setup_distributed(args.device)
@@ -158,7 +187,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     start_epoch, history = 0, []
     if args.resume:
-        ckpt = torch.load(args.resume, map_location="cpu", weights_only=False)
+        ckpt = _load_resume_checkpoint(args.resume)
         net.load_state_dict(ckpt["state_dict"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -167,6 +196,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     if info.distributed:
         train_net = DistributedDataParallel(net, device_ids=[info.device.index] if info.device.type == "cuda" else None)
 
+    if info.is_main and args.initial_checkpoint and not args.no_sd and not args.resume:
+        print(
+            f"loaded the timm model's weights from {args.initial_checkpoint}; the exits start from their "
+            "initialisation (they are not in a plain checkpoint)",
+            flush=True,
+        )
     if info.is_main:
         exits = "none (--no-sd)" if args.no_sd else [p.module for p in net.exit_points]  # type: ignore[union-attr]
         print(
@@ -178,6 +213,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     for epoch in range(start_epoch, num_epochs):
         if isinstance(train_loader.sampler, torch.utils.data.DistributedSampler):
             train_loader.sampler.set_epoch(epoch)
+        seed_epoch(args.seed, epoch, info.rank, train_loader)
         t0 = time.time()
         stats = train_one_epoch(
             train_net,
@@ -225,12 +261,12 @@ def _save(
         args=vars(args),
         history=history,
     )
-    torch.save(state, os.path.join(args.output, "checkpoint-last.pth"))
+    atomic_save(state, os.path.join(args.output, "checkpoint-last.pth"))
     plain = net if args.no_sd else sd_plugin.unwrap(net)
-    torch.save(plain.state_dict(), os.path.join(args.output, "model_plain.pth"))
+    atomic_save(plain.state_dict(), os.path.join(args.output, "model_plain.pth"))
     if not args.no_sd:
-        torch.save(net.exits_state_dict(), os.path.join(args.output, "exits.pth"))  # type: ignore[operator]
-    with open(os.path.join(args.output, "summary.json"), "w") as f:
+        atomic_save(net.exits_state_dict(), os.path.join(args.output, "exits.pth"))  # type: ignore[operator]
+    with atomic_write(os.path.join(args.output, "summary.json"), "w") as f:
         json.dump(dict(args=vars(args), epochs=history), f, indent=1)
 
 

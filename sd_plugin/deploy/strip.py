@@ -20,6 +20,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
+from .._io import atomic_save
+
 __all__ = ["EXIT_PREFIXES", "strip_state_dict", "strip_checkpoint", "plain_state_dict", "main"]
 
 #: Key prefixes of the exits' weights in the adapters' state dicts.
@@ -80,7 +82,7 @@ def strip_checkpoint(
         raise ValueError("the checkpoint has no exit weights to strip: is it a self-distillation checkpoint?")
     if dst is not None:
         Path(dst).parent.mkdir(parents=True, exist_ok=True)
-        torch.save(out, dst)
+        atomic_save(out, dst)
     return out
 
 

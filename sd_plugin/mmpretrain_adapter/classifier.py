@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+from mmengine.logging import print_log
 from mmpretrain.models.classifiers import ImageClassifier
 from mmpretrain.registry import MODELS
 from mmpretrain.structures import DataSample
 
+from sd_plugin._checks import check_class_labels, check_finite_input
 from sd_plugin.core import ExitPoint, SelfDistillConfig, SelfDistillOutput, StopForward, get_submodule, select_feature
 
 from ._discovery import discover_exit_points, find_candidates, probe_input_shape
@@ -116,6 +119,7 @@ class SelfDistillClassifier(ImageClassifier):
         )
         self.exit_heads = nn.ModuleList(build_exit_head(head_cfg, width) for _ in points)  # type: ignore[arg-type]
         self._check_exit_heads(width)
+        self.register_load_state_dict_post_hook(_log_fresh_exits)
         p = self.sd_config.predict_exit
         if isinstance(p, int) and p > self.num_exits + 1:
             raise ValueError(
@@ -135,7 +139,11 @@ class SelfDistillClassifier(ImageClassifier):
             x = torch.zeros(_PROBE_BATCH, chans, h, w)
 
             def run() -> None:
-                _, self._probe_pre_logits = run_head(self.head, self.extract_feat(x))
+                feats = self.extract_feat(x)
+                try:
+                    _, self._probe_pre_logits = run_head(self.head, feats)
+                except RuntimeError as e:  # not the input size: the head does not fit the features
+                    raise ValueError(_head_mismatch(self.head, feats, e)) from e
 
             with _eval_no_grad(self):
                 return discover_exit_points(self.backbone, candidates, self.sd_config, run, (h, w), _PROBE_BATCH)
@@ -230,8 +238,10 @@ class SelfDistillClassifier(ImageClassifier):
 
     def loss(self, inputs: torch.Tensor, data_samples: List[DataSample]) -> dict:
         """Deepest head loss plus every exit's CE, KD and hint terms (see the class docstring)."""
-        _, out = self._forward_all(inputs)
+        check_finite_input(inputs)
         target = targets_of(data_samples)
+        check_class_labels(target, self.head.num_classes)  # type: ignore[union-attr]
+        _, out = self._forward_all(inputs)
         return self.distill_loss(
             out,
             target.to(out.logits.device),
@@ -320,6 +330,30 @@ class SelfDistillClassifier(ImageClassifier):
         """``ImageClassifier.test_step`` with every exit's scores attached (``eval_exits``)."""
         with self._exit_scores_on():
             return super().test_step(data)
+
+
+def _head_mismatch(head: Any, feats: Any, error: RuntimeError) -> str:
+    """Message for a head whose ``in_channels`` does not fit the backbone/neck output (seen in the probe pass)."""
+    last = feats[-1] if isinstance(feats, (tuple, list)) and feats else feats
+    shape = tuple(last.shape) if isinstance(last, torch.Tensor) else type(last).__name__
+    width = f" ({last.shape[1]})" if isinstance(last, torch.Tensor) and last.dim() >= 2 else ""
+    return (
+        f"head {type(head).__name__} (in_channels={getattr(head, 'in_channels', '?')}) cannot take the "
+        f"backbone/neck output of shape {shape}: {error}. Set head.in_channels to the feature width{width}."
+    )
+
+
+def _log_fresh_exits(module: nn.Module, incompatible: Any) -> None:
+    """Say so when a checkpoint without exit weights (a plain ImageClassifier's) was loaded."""
+    missing = [k for k in incompatible.missing_keys if k.startswith(("exit_necks.", "exit_heads."))]
+    if missing:
+        print_log(
+            f"the checkpoint has no weights for the exits ({len(missing)} tensors under exit_necks./exit_heads. "
+            "are missing): the exits start from their initialisation. This is expected when starting from a "
+            "plain ImageClassifier checkpoint.",
+            logger="current",
+            level=logging.WARNING,
+        )
 
 
 def _to_samples(logits: torch.Tensor, data_samples: Optional[List[DataSample]]) -> List[DataSample]:

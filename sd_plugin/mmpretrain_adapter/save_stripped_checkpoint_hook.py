@@ -5,11 +5,11 @@ from __future__ import annotations
 import os.path as osp
 from typing import Any, Dict, Optional
 
-import torch
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmpretrain.registry import HOOKS
 
+from sd_plugin._io import atomic_save
 from sd_plugin.deploy.strip import strip_state_dict
 
 __all__ = ["SaveStrippedCheckpointHook"]
@@ -61,6 +61,6 @@ class SaveStrippedCheckpointHook(Hook):
         meta["sd_plugin_stripped"] = True
         state = strip_state_dict(checkpoint["state_dict"])
         if runner.rank == 0:
-            torch.save({"meta": meta, "state_dict": state}, path)
+            atomic_save({"meta": meta, "state_dict": state}, path)
             runner.logger.info(f"Saved the checkpoint without exits to {path}")
         self.last_path = path

@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Uni
 import torch
 import torch.nn as nn
 
+from .._checks import check_finite_input
 from ..core import ExitPoint, FeatureTaps, SelfDistillConfig, SelfDistillOutput, build_exit
 from ._discovery import default_input_size, discover, pool_teacher
 
@@ -176,6 +177,7 @@ class SelfDistillModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Union[torch.Tensor, SelfDistillOutput]:
         if self.training:
+            check_finite_input(x)
             return self.forward_train(x)
         predict = self.config.predict_exit
         if predict == "deepest" or predict == self.num_exits + 1:

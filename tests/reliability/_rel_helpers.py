@@ -1,0 +1,207 @@
+"""Test helpers for the reliability tests: tiny data sets, tiny mmengine configs, a probe hook.
+
+Imported by the tests and, through ``custom_imports``, by training subprocesses
+(``PYTHONPATH`` holds this folder there).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional
+
+import numpy as np
+import torch
+from mmengine.dist import get_rank
+from mmengine.hooks import Hook
+from mmengine.registry import DATA_SAMPLERS, HOOKS
+from PIL import Image
+from torch.utils.data import Sampler
+
+REPO = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+
+
+def make_image_folder(root: Path, num_classes: int = 2, per_class: int = 8, size: int = 32, seed: int = 0) -> Path:
+    """An ImageFolder-layout data set of random but class-dependent PNG images."""
+    rng = np.random.default_rng(seed)
+    for c in range(num_classes):
+        d = root / f"class{c}"
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            img = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+            img[..., c % 3] = np.clip(img[..., c % 3].astype(int) + 80, 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(d / f"{i:03d}.png")
+    return root
+
+
+def tiny_resnet(num_classes: int = 2) -> Dict[str, Any]:
+    """A plain MMPretrain ImageClassifier config: ResNet-18 layout with 8 base channels (64-d features)."""
+    return dict(
+        type="ImageClassifier",
+        backbone=dict(type="ResNet", depth=18, stem_channels=8, base_channels=8, out_indices=(3,)),
+        neck=dict(type="GlobalAveragePooling"),
+        head=dict(type="LinearClsHead", num_classes=num_classes, in_channels=64, loss=dict(type="CrossEntropyLoss")),
+    )
+
+
+def sd_resnet(num_classes: int = 2, **options: Any) -> Dict[str, Any]:
+    """The same classifier with self-distillation exits (``SelfDistillClassifier``)."""
+    return dict(tiny_resnet(num_classes), type="SelfDistillClassifier", probe_size=32, **options)
+
+
+def mm_config(
+    data_root: Path,
+    work_dir: Path,
+    model: Optional[Dict[str, Any]] = None,
+    max_iters: int = 4,
+    batch_size: int = 2,
+    checkpoint_interval: int = 2,
+    sampler: Optional[Dict[str, Any]] = None,
+    accumulative_counts: int = 1,
+    num_classes: int = 2,
+    crash_after: Optional[int] = None,
+) -> Dict[str, Any]:
+    """A complete, deterministic, iteration-based mmengine config (no random augmentation, no validation)."""
+    return dict(
+        default_scope="mmpretrain",
+        custom_imports=dict(imports=["sd_plugin", "_rel_helpers"], allow_failed_imports=False),
+        work_dir=str(work_dir),
+        model=dict(
+            **(model or tiny_resnet(num_classes)),
+            data_preprocessor=dict(
+                num_classes=num_classes, mean=[125.3, 123.0, 113.9], std=[63.0, 62.1, 66.7], to_rgb=True
+            ),
+        ),
+        train_dataloader=dict(
+            batch_size=batch_size,
+            num_workers=0,
+            persistent_workers=False,
+            dataset=dict(
+                type="CustomDataset",
+                data_root=str(data_root),
+                pipeline=[dict(type="LoadImageFromFile"), dict(type="PackInputs")],
+            ),
+            sampler=sampler or dict(type="DefaultSampler", shuffle=False),
+        ),
+        train_cfg=dict(by_epoch=False, max_iters=max_iters, val_interval=10**6),
+        optim_wrapper=dict(
+            optimizer=dict(type="SGD", lr=0.05, momentum=0.9, weight_decay=1e-4),
+            accumulative_counts=accumulative_counts,
+        ),
+        param_scheduler=[dict(type="MultiStepLR", by_epoch=False, milestones=[3], gamma=0.1)],
+        default_hooks=dict(
+            timer=dict(type="IterTimerHook"),
+            logger=dict(type="LoggerHook", interval=1),
+            param_scheduler=dict(type="ParamSchedulerHook"),
+            checkpoint=dict(type="CheckpointHook", interval=checkpoint_interval, by_epoch=False),
+            sampler_seed=dict(type="DistSamplerSeedHook"),
+        ),
+        custom_hooks=[dict(type="ProbeHook")] + ([dict(type="CrashHook", after=crash_after)] if crash_after else []),
+        env_cfg=dict(cudnn_benchmark=False, mp_cfg=dict(mp_start_method="fork", opencv_num_threads=0)),
+        randomness=dict(seed=0, deterministic=True),
+        log_level="INFO",
+    )
+
+
+def write_config(cfg: Dict[str, Any], path: Path) -> Path:
+    from mmengine.config import Config
+
+    Config(cfg).dump(str(path))
+    return path
+
+
+def subprocess_env() -> Dict[str, str]:
+    """Environment for training subprocesses: this folder importable, one thread per process."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+@HOOKS.register_module()
+class ProbeHook(Hook):
+    """Records, per rank, every iteration's losses and the final parameters (in the work dir)."""
+
+    priority = "VERY_LOW"
+
+    def before_train(self, runner: Any) -> None:
+        self.records: List[Dict[str, Any]] = []
+        model = runner.model.module if hasattr(runner.model, "module") else runner.model
+        self._dtypes: List[str] = []
+        head = getattr(model, "head", None)
+        fc = getattr(head, "fc", None)
+        if fc is not None:
+            fc.register_forward_hook(lambda m, a, out: self._dtypes.append(str(out.dtype)))
+
+    def after_train_iter(self, runner: Any, batch_idx: int, data_batch: Any = None, outputs: Any = None) -> None:
+        scalars = {
+            k: float(v.detach()) for k, v in (outputs or {}).items() if isinstance(v, torch.Tensor) and v.numel() == 1
+        }
+        scalars["iter"] = runner.iter
+        scalars["lr"] = runner.optim_wrapper.get_lr()["lr"][0]
+        self.records.append(scalars)
+
+    def after_train(self, runner: Any) -> None:
+        model = runner.model.module if hasattr(runner.model, "module") else runner.model
+        rank = get_rank()
+        out = Path(runner.work_dir)
+        params = {k: v.detach().clone() for k, v in model.named_parameters()}
+        torch.save(params, out / f"probe_params_rank{rank}.pt")
+        state = runner.optim_wrapper.state_dict()
+        torch.save(state, out / f"probe_optim_rank{rank}.pt")
+        info = dict(
+            records=self.records,
+            head_dtypes=sorted(set(self._dtypes)),
+            wrapper=type(runner.model).__name__,
+            optim_wrapper=type(runner.optim_wrapper).__name__,
+        )
+        (out / f"probe_rank{rank}.json").write_text(json.dumps(info))
+
+
+class SimulatedCrash(RuntimeError):
+    """Raised by :class:`CrashHook`."""
+
+
+@HOOKS.register_module()
+class CrashHook(Hook):
+    """Kills training right after iteration ``after`` (after the checkpoint hook has run), like a crash."""
+
+    priority = "LOWEST"
+
+    def __init__(self, after: int) -> None:
+        self.after = after
+
+    def after_train_iter(self, runner: Any, batch_idx: int, data_batch: Any = None, outputs: Any = None) -> None:
+        if runner.iter + 1 == self.after:
+            raise SimulatedCrash(f"simulated crash after iteration {self.after}")
+
+
+@DATA_SAMPLERS.register_module()
+class InterleavedSampler(Sampler):
+    """Single-process order that matches ``DefaultSampler(shuffle=False)`` split over ``world_size`` ranks.
+
+    With per-rank batch size b, DDP step k sees on rank r the indices ``r, r + W, ...`` of the block
+    ``[k*W*b, (k+1)*W*b)``; this sampler yields rank 0's batch, then rank 1's, ... for each step, so a
+    single process with ``accumulative_counts=W`` sees the very same mini-batches.
+    """
+
+    def __init__(self, dataset: Any, world_size: int = 2, batch_size: int = 2, seed: Optional[int] = None) -> None:
+        self.n = len(dataset)
+        self.world_size = world_size
+        self.batch_size = batch_size
+
+    def __iter__(self) -> Iterator[int]:
+        block = self.world_size * self.batch_size
+        order: List[int] = []
+        for start in range(0, self.n - self.n % block, block):
+            for r in range(self.world_size):
+                order.extend(range(start + r, start + block, self.world_size))
+        return iter(order)
+
+    def __len__(self) -> int:
+        return self.n - self.n % (self.world_size * self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
