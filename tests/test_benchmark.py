@@ -1,0 +1,236 @@
+"""tools/benchmark.py: data subsets, table maths, interleaved timing, FLOPs, and (slow) the --quick run end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Dict, List
+
+import pytest
+import torch
+import torch.nn as nn
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tools"))
+
+import _bench_cost  # noqa: E402
+import _bench_data  # noqa: E402
+import _bench_report  # noqa: E402
+import benchmark  # noqa: E402
+
+MINI = REPO / "demo_data" / "cifar10_mini"
+
+
+# ---------------------------------------------------------------------------------------------------- data subsets
+def test_subsets_are_stratified_fixed_and_nested(tmp_path: Path) -> None:
+    a = _bench_data.write_subsets(MINI, tmp_path / "a", num_train=100, num_test=60, num_val=20)
+    b = _bench_data.write_subsets(MINI, tmp_path / "b", num_train=100, num_test=60, num_val=20)
+    assert (a.num_train, a.num_test, a.num_val) == (100, 60, 20)
+    train = a.read("train")
+    per_class = [sum(1 for _, y in train if y == c) for c in range(len(a.classes))]
+    assert per_class == [10] * 10
+    assert all(p.is_file() for p, _ in train[:5])
+    # Same draw every time (both arms, every seed read the same files); val is part of test.
+    assert a.train_ann.read_text() == b.train_ann.read_text()
+    assert set(a.read("val")) <= set(a.read("test"))
+    # Labels follow the sorted class folders.
+    path, label = a.read("test")[0]
+    assert path.parent.name == a.classes[label]
+
+
+def test_subset_none_takes_whole_split(tmp_path: Path) -> None:
+    splits = _bench_data.write_subsets(MINI, tmp_path, num_train=None, num_test=None)
+    on_disk = sum(1 for _ in (MINI / "test").glob("*/*.jpg"))
+    assert splits.num_test == on_disk == splits.num_val
+
+
+def test_subset_errors_name_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="tar -xzf"):
+        _bench_data.write_subsets(tmp_path / "missing", tmp_path, 100, 100)
+    with pytest.raises(ValueError, match="cannot hold all 10 classes"):
+        _bench_data.write_subsets(MINI, tmp_path, num_train=5, num_test=None)
+    with pytest.raises(ValueError, match="num_test must be a positive int"):
+        _bench_data.write_subsets(MINI, tmp_path, num_train=100, num_test=0)
+
+
+def test_cli_missing_data_root_explains_extraction(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    rc = benchmark.main(["--quick", "--data-root", str(tmp_path / "nope"), "--work-dir", str(tmp_path / "w")])
+    assert rc == 2
+    assert "cifar10_jpg.tar.gz" in capsys.readouterr().err
+
+
+def test_cli_rejects_contradictory_options() -> None:
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--no-train", "--no-cost"])
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--seeds", "1", "1"])
+    args = benchmark.parse_args(["--quick"])
+    assert args.seeds == [0] and args.epochs == 1 and args.name == "benchmark_mmpretrain_quick"
+
+
+# ------------------------------------------------------------------------------------------------------ table maths
+def test_exit_accuracies_reads_both_metric_styles() -> None:
+    mm = {
+        "multi-exit/exit1_top1": 50.0,
+        "multi-exit/exit2_top1": 60.0,
+        "multi-exit/deepest_top1": 70.0,
+        "multi-exit/ensemble_top1": 72.0,
+        "multi-exit/deepest_top5": 99.0,
+    }
+    assert _bench_report.exit_accuracies(mm) == {"exit1": 50.0, "exit2": 60.0, "deepest": 70.0, "ensemble": 72.0}
+    assert _bench_report.exit_accuracies({"accuracy/top1": 81.5, "epoch": 3}) == {"deepest": 81.5}
+
+
+def _runs(plain: List[float], deepest: List[float]) -> List[Dict[str, Any]]:
+    runs = []
+    for seed, (p, d) in enumerate(zip(plain, deepest)):
+        runs.append({"arm": "plain", "seed": seed, "history": [{"epoch": 1, "accuracy/top1": p}], "test": {}})
+        sd = {"exit1/top1": d - 20, "exit2/top1": d - 10, "deepest/top1": d, "ensemble/top1": d + 1}
+        runs.append({"arm": "sd", "seed": seed, "history": [{"epoch": 1, **sd}], "test": {}})
+    return runs
+
+
+def test_accuracy_rows_gain_and_error_reduction() -> None:
+    plain, deepest = [80.0, 78.0], [82.0, 79.0]
+    acc = _bench_report.accuracy_rows(_runs(plain, deepest))
+    rows = {r["row"]: r for r in acc["rows"]}
+    assert acc["seeds"] == [0, 1]
+    gain = rows["Deepest-exit gain over plain"]
+    assert gain["per_seed"] == pytest.approx([d - p for p, d in zip(plain, deepest)])
+    assert gain["mean"] == pytest.approx(sum(gain["per_seed"]) / 2)
+    red = rows["Relative error reduction (deepest vs plain)"]["per_seed"]
+    assert red == pytest.approx([100 * (d - p) / (100 - p) for p, d in zip(plain, deepest)])
+    sd_rows = [r["row"] for r in acc["rows"] if r["row"].startswith("Self-distillation")]
+    assert [r.split(", ", 1)[1] for r in sd_rows] == [
+        "exit 1",
+        "exit 2",
+        "deepest exit (unmodified model)",
+        "ensemble of all exits",
+    ]
+
+
+def test_accuracy_rows_needs_both_arms() -> None:
+    runs = [r for r in _runs([80.0], [81.0]) if r["arm"] == "plain"]
+    with pytest.raises(ValueError, match="both arms"):
+        _bench_report.accuracy_rows(runs)
+
+
+def test_cost_rows_apply_targets() -> None:
+    cost = {
+        "flops": {"flops_ratio": 1.2},
+        "train_step": {"median_pair_ratio": 1.35},
+        "peak_memory": {"ratio": 1.1},
+        "inference": {"median_pair_ratio": 1.01},
+    }
+    ok = [r["ok"] for r in _bench_report.cost_rows(cost)]
+    assert ok == [None, False, True, True]  # 1.35 > 1.10 * 1.2
+    cost["train_step"]["median_pair_ratio"] = 1.3
+    assert _bench_report.cost_rows(cost)[1]["ok"] is True
+    # Inference: a gap within twice the A/A (plain vs plain copy) gap is noise, not a cost.
+    cost["inference"]["median_pair_ratio"] = 1.06
+    assert _bench_report.cost_rows(cost)[3]["ok"] is False
+    cost["inference"]["aa_median_pair_ratio"] = 0.96
+    rows = _bench_report.cost_rows(cost)
+    assert rows[3]["ok"] is True and rows[4]["value"] == 0.96
+
+
+def test_sd_option_parsing() -> None:
+    args = benchmark.parse_args(["--sd-option", "exit_hidden_ratio=0.125", "--sd-option", "predict_exit=ensemble"])
+    assert args.sd_options == {"exit_hidden_ratio": 0.125, "predict_exit": "ensemble"}
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--sd-option", "hidden=0.1"])
+
+
+# ----------------------------------------------------------------------------------------------- cost measurement
+def _arm(name: str, log: List[str]) -> _bench_cost.TrainArm:
+    return _bench_cost.TrainArm(
+        name=name, model=nn.Linear(2, 2), step=lambda b: log.append(f"{name}:{b}"), infer=lambda b: log.append(name)
+    )
+
+
+def test_interleaved_times_alternate_abba_on_identical_batches() -> None:
+    log: List[str] = []
+    arms = [_arm("plain", log), _arm("sd", log)]
+    times = _bench_cost.interleaved_times(arms, batches=["b0", "b1"], rounds=3, warmup=1, mode="train")
+    assert log == ["plain:b0", "sd:b0", "sd:b1", "plain:b1", "plain:b0", "sd:b0", "sd:b1", "plain:b1"]
+    assert {k: len(v) for k, v in times.items()} == {"plain": 3, "sd": 3}
+    with pytest.raises(ValueError, match="mode"):
+        _bench_cost.interleaved_times(arms, ["b0"], rounds=1, warmup=0, mode="eval")
+
+
+def test_summarise_pairs() -> None:
+    s = _bench_cost.summarise_pairs({"plain": [1.0, 2.0, 4.0], "sd": [2.0, 2.0, 6.0]})
+    assert s["ratio_of_medians"] == pytest.approx(1.0)
+    assert s["median_pair_ratio"] == pytest.approx(1.5)
+    with pytest.raises(ValueError, match="same, non-zero number"):
+        _bench_cost.summarise_pairs({"plain": [1.0], "sd": []})
+
+
+@pytest.mark.timm
+def test_exit_flops_counts_exits_on_top_of_the_unchanged_model() -> None:
+    timm = pytest.importorskip("timm")
+    import sd_plugin
+
+    plain = timm.create_model("resnet18", num_classes=10, channels=(8, 16, 32, 64), stem_width=8)
+    sd = sd_plugin.wrap(timm.create_model("resnet18", num_classes=10, channels=(8, 16, 32, 64), stem_width=8))
+    out = _bench_cost.exit_flops(plain, plain, sd, torch.randn(2, 3, 32, 32))
+    assert out["sd_deepest_gflops_per_image"] == pytest.approx(out["plain_gflops_per_image"])
+    assert len(out["exit_gflops_per_image"]) == sd.num_exits == 3
+    assert all(f > 0 for f in out["exit_gflops_per_image"])
+    expected = 1 + sum(out["exit_gflops_per_image"]) / out["plain_gflops_per_image"]
+    assert out["flops_ratio"] == pytest.approx(expected)
+    assert sd.training and plain.training  # modes restored
+
+
+def test_exit_flops_rejects_models_without_exits() -> None:
+    m = nn.Linear(4, 2)
+    with pytest.raises(TypeError, match="MultiExitModel"):
+        _bench_cost.exit_flops(m, m, m, torch.randn(1, 4))
+
+
+# ------------------------------------------------------------------------------------------------- end to end
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "route", [pytest.param("mmpretrain", marks=pytest.mark.mmpretrain), pytest.param("timm", marks=pytest.mark.timm)]
+)
+def test_quick_run_writes_every_row(route: str, tmp_path: Path) -> None:
+    cmd = [
+        sys.executable,
+        str(REPO / "tools" / "benchmark.py"),
+        "--route",
+        route,
+        "--quick",
+        "--data-root",
+        str(MINI),
+        "--out-dir",
+        str(tmp_path),
+        "--figure-dir",
+        str(tmp_path),
+        "--work-dir",
+        str(tmp_path / "work"),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    name = f"benchmark_{route}_quick"
+    payload = json.loads((tmp_path / f"{name}.json").read_text())
+    png = tmp_path / f"{name}.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = [r["row"] for r in payload["accuracy"]["rows"]]
+    assert rows[0] == "Plain model top-1"
+    assert [r for r in rows if r.startswith("Self-distillation")][-2:] == [
+        "Self-distillation top-1, deepest exit (unmodified model)",
+        "Self-distillation top-1, ensemble of all exits",
+    ]
+    assert sum(r.startswith("Self-distillation top-1, exit ") for r in rows) == 3  # ResNet-18: exits after stages 1-3
+    assert rows[-2:] == ["Deepest-exit gain over plain", "Relative error reduction (deepest vs plain)"]
+    cost = payload["cost"]
+    assert cost["flops"]["flops_ratio"] > 1.0
+    for key in ("train_step", "inference"):
+        assert cost[key]["plain_median_s"] > 0 and cost[key]["sd_median_s"] > 0
+    assert cost["peak_memory"]["plain_mib"] > 0
+    table = (tmp_path / f"{name}.md").read_text()
+    for row in [*rows, "FLOPs ratio", "Training-step time ratio", "Peak training memory ratio", "Inference latency"]:
+        assert row in table
+    assert table in proc.stdout  # the printed table is the saved one

@@ -1,0 +1,216 @@
+"""The timm route of the benchmark: a timm ResNet-18, ``sd_plugin.wrap``, ``SelfDistillLoss``, timm's optim/scheduler.
+
+The training loop is the one a timm user writes: ``timm.create_model``,
+``timm.optim.create_optimizer_v2``, ``timm.scheduler.create_scheduler_v2``
+(per-update cosine with warm-up), cross-entropy for the plain arm and
+:class:`sd_plugin.SelfDistillLoss` on the wrapped model's training output for
+the self-distillation arm. Per-exit top-1 comes from
+:func:`sd_plugin.deploy.calibrate.collect_exit_logits` (the ``MultiExitModel``
+protocol, eval mode).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from _bench_cost import TrainArm
+from _bench_data import DataSplits
+from torch.utils.data import DataLoader, Dataset
+
+__all__ = ["MODEL_DESCRIPTION", "arm_spec", "train_run", "build_arm", "sample_batches", "flops_inputs", "plain_forward"]
+
+MODEL_DESCRIPTION = "timm ResNet-18 (stage widths {width}..8x{width})"
+_MEAN = (0.4914, 0.4822, 0.4465)  # CIFAR-10 RGB statistics
+_STD = (0.2470, 0.2435, 0.2616)
+_LR, _MOMENTUM, _WD = 0.1, 0.9, 5e-4
+
+
+def arm_spec(
+    arm: str,
+    splits: DataSplits,
+    epochs: int,
+    seed: int,
+    work_dir: Path,
+    width: Optional[int] = None,
+    num_workers: int = 1,
+    batch_size: Optional[int] = None,
+    sd_options: Optional[Dict[str, Any]] = None,
+) -> Dict[str, Any]:
+    """Picklable description of one arm (see ``_bench_mmpretrain.arm_spec`` for the arguments)."""
+    if arm not in ("plain", "sd"):
+        raise ValueError(f"arm must be 'plain' or 'sd', got {arm!r}.")
+    return {
+        "arm": arm,
+        "splits": splits,
+        "epochs": epochs,
+        "seed": seed,
+        "work_dir": str(work_dir),
+        "width": width or 16,
+        "num_workers": num_workers,
+        "batch_size": batch_size or 128,
+        "sd_options": dict(sd_options or {}),
+    }
+
+
+class _AnnDataset(Dataset):
+    """Images listed in an annotation file, read with PIL as RGB and transformed."""
+
+    def __init__(self, items: List[Tuple[Path, int]], transform: Callable[[Any], torch.Tensor]) -> None:
+        self.items = items
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> Tuple[torch.Tensor, int]:
+        from PIL import Image
+
+        path, label = self.items[i]
+        with Image.open(path) as img:
+            return self.transform(img.convert("RGB")), label
+
+
+def _loader(spec: Dict[str, Any], split: str, shuffle: bool, num_workers: Optional[int] = None) -> DataLoader:
+    from torchvision import transforms as T
+
+    ops: List[Any] = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if split == "train" else []
+    transform = T.Compose([*ops, T.ToTensor(), T.Normalize(_MEAN, _STD)])
+    dataset = _AnnDataset(spec["splits"].read(split), transform)
+    generator = torch.Generator().manual_seed(spec["seed"])
+    workers = spec["num_workers"] if num_workers is None else num_workers
+    return DataLoader(
+        dataset,
+        batch_size=spec["batch_size"] if split == "train" else 256,
+        shuffle=shuffle,
+        num_workers=workers,
+        generator=generator,
+        drop_last=False,
+        persistent_workers=workers > 0,
+    )
+
+
+def _model(spec: Dict[str, Any], arm: str) -> nn.Module:
+    import timm
+
+    import sd_plugin
+
+    w = spec["width"]
+    model = timm.create_model("resnet18", num_classes=10, channels=(w, 2 * w, 4 * w, 8 * w), stem_width=w)
+    if arm == "plain":
+        return model
+    return sd_plugin.wrap(model, input_size=(3, 32, 32), **spec.get("sd_options", {}))
+
+
+class _Trainer:
+    """Model, optimiser and criterion of an arm; ``step`` is one optimisation step."""
+
+    def __init__(self, spec: Dict[str, Any], arm: str) -> None:
+        from timm.optim import create_optimizer_v2
+
+        import sd_plugin
+
+        torch.manual_seed(spec["seed"])
+        self.arm = arm
+        self.model = _model(spec, arm)
+        self.optimizer = create_optimizer_v2(self.model, opt="sgd", lr=_LR, weight_decay=_WD, momentum=_MOMENTUM)
+        self.criterion: nn.Module = sd_plugin.SelfDistillLoss() if arm == "sd" else nn.CrossEntropyLoss()
+
+    def step(self, batch: Tuple[torch.Tensor, torch.Tensor]) -> float:
+        x, y = batch
+        loss = self.criterion(self.model(x), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return float(loss.detach())
+
+
+@torch.no_grad()
+def _evaluate(model: nn.Module, arm: str, loader: DataLoader) -> Dict[str, float]:
+    from sd_plugin.deploy.calibrate import collect_exit_logits
+
+    model.eval()
+    if arm == "plain":
+        correct = total = 0
+        for x, y in loader:
+            correct += int((model(x).argmax(dim=1) == y).sum())
+            total += y.numel()
+        return {"accuracy/top1": 100.0 * correct / total}
+    data = collect_exit_logits(model, loader)
+    top1 = data.top1().tolist()
+    out = {f"exit{k + 1}/top1": v for k, v in enumerate(top1[:-1])}
+    out["deepest/top1"] = top1[-1]
+    # Mean softmax over all exits and the deepest classifier (BYOT's ensemble, SelfDistillOutput.ensemble_probs).
+    ensemble = data.logits.float().softmax(dim=-1).mean(dim=0)
+    out["ensemble/top1"] = float((ensemble.argmax(dim=1) == data.targets).float().mean() * 100)
+    return out
+
+
+def train_run(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """Train one arm; per-epoch validation and final test top-1 (per exit for the sd arm), wall time."""
+    from timm.scheduler import create_scheduler_v2
+    from timm.utils import random_seed
+
+    random_seed(spec["seed"])
+    trainer = _Trainer(spec, spec["arm"])
+    train_loader = _loader(spec, "train", shuffle=True)
+    val_loader = _loader(spec, "val", shuffle=False)
+    epochs = spec["epochs"]
+    scheduler, _ = create_scheduler_v2(
+        trainer.optimizer,
+        sched="cosine",
+        num_epochs=epochs,
+        warmup_epochs=1 if epochs > 1 else 0,
+        warmup_lr=_LR * 0.1,
+        min_lr=0.0,
+        step_on_epochs=False,
+        updates_per_epoch=len(train_loader),
+    )
+    history: List[Dict[str, float]] = []
+    updates = 0
+    start = time.perf_counter()
+    for epoch in range(epochs):
+        trainer.model.train()
+        for batch in train_loader:
+            trainer.step(batch)
+            updates += 1
+            scheduler.step_update(num_updates=updates)
+        scheduler.step(epoch + 1)
+        history.append({"epoch": epoch + 1, **_evaluate(trainer.model, spec["arm"], val_loader)})
+    wall = time.perf_counter() - start
+    test = _evaluate(trainer.model, spec["arm"], _loader(spec, "test", shuffle=False))
+    return {"history": history, "test": test, "train_wall_s": wall}
+
+
+def build_arm(spec: Dict[str, Any], arm: str) -> TrainArm:
+    """The arm's model with its timm optimiser; ``infer`` is the eval-mode forward (deepest logits)."""
+    trainer = _Trainer(spec, arm)
+
+    def infer(batch: Tuple[torch.Tensor, torch.Tensor]) -> None:
+        trainer.model(batch[0])
+
+    return TrainArm(name=arm, model=trainer.model, step=trainer.step, infer=infer)
+
+
+def sample_batches(spec: Dict[str, Any], num: int) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """The first ``num`` training batches (seeded shuffle and augmentation)."""
+    torch.manual_seed(spec["seed"])
+    out = []
+    for batch in _loader(spec, "train", shuffle=True, num_workers=0):
+        out.append(batch)
+        if len(out) == num:
+            break
+    return out
+
+
+def flops_inputs(arm: TrainArm, batch: Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The normalised image batch."""
+    return batch[0]
+
+
+def plain_forward(arm: TrainArm) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The plain timm model's forward."""
+    return arm.model
