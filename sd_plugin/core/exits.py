@@ -1,9 +1,13 @@
 """Exit blocks: from an intermediate feature map to pooled features of the deepest width.
 
-The convolutional exit follows BYOT's "bottleneck" branch (Zhang et al., 2019):
-1x1 reduce, one k x k convolution of stride k that brings the map to the deepest
-stage's resolution, 1x1 expand to the deepest stage's width, each with BN and
-ReLU, then global average pooling. Token backbones get a per-token MLP followed
+The convolutional exit follows BYOT's bottleneck branch (Zhang et al., 2019): one
+k x k convolution of stride k that brings the map to the deepest stage's
+resolution, then a 1x1 convolution to the deepest stage's width, each with BN and
+ReLU, then global average pooling. Unlike BYOT's branch (1x1, k x k/k, 1x1), the
+strided convolution comes first, so nothing runs at the tapped map's full
+resolution: the same exits cost a small fraction of the time and activation
+memory (see the README's Results). Maps already at the deepest resolution get
+1x1, 3x3 and 1x1 convolutions. Token backbones get a per-token MLP followed
 by mean pooling over tokens. The classifier is kept separate so each framework
 can build its own (a Linear for timm, the user's head config for MMPretrain).
 """
@@ -47,20 +51,31 @@ class ConvExit(nn.Module):
         if stride < 1:
             raise ValueError(f"stride must be >= 1, got {stride}.")
         hidden = _hidden(out_features, hidden_ratio)
-        kernel, padding = (stride, 0) if stride > 1 else (3, 1)
         self.channels_last = channels_last
         self.stride = stride
-        self.block = nn.Sequential(
-            nn.Conv2d(in_channels, hidden, kernel_size=1, bias=False),
-            nn.BatchNorm2d(hidden),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(hidden, hidden, kernel_size=kernel, stride=stride, padding=padding, bias=False),
-            nn.BatchNorm2d(hidden),
-            nn.ReLU(inplace=True),
+        if stride > 1:
+            # Downsample first: the k x k, stride-k convolution reads the input channels directly,
+            # so no layer runs at the tapped (full) resolution with more channels than it has.
+            layers = [
+                nn.Conv2d(in_channels, hidden, kernel_size=stride, stride=stride, bias=False),
+                nn.BatchNorm2d(hidden),
+                nn.ReLU(inplace=True),
+            ]
+        else:
+            layers = [
+                nn.Conv2d(in_channels, hidden, kernel_size=1, bias=False),
+                nn.BatchNorm2d(hidden),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(hidden, hidden, kernel_size=3, padding=1, bias=False),
+                nn.BatchNorm2d(hidden),
+                nn.ReLU(inplace=True),
+            ]
+        layers += [
             nn.Conv2d(hidden, out_features, kernel_size=1, bias=False),
             nn.BatchNorm2d(out_features),
             nn.ReLU(inplace=True),
-        )
+        ]
+        self.block = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
