@@ -96,3 +96,30 @@ def all_exit_logits(model: ToyMultiExit, x: torch.Tensor) -> List[torch.Tensor]:
         h = stage(h)
         feats.append(h)
     return [model.forward_exit(0, feats[0]), model.forward_exit(1, feats[1]), net.fc(h.mean(dim=(2, 3)))]
+
+
+def check_truncation_and_early_exit(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Check a real adapter model against its own per-exit logits; return each sample's expected exit.
+
+    Every truncated model equals that exit's logits; with per-exit thresholds at the median
+    confidence, ``EarlyExitModel`` answers each sample at the first exit whose max-prob clears
+    its threshold, with that exit's logits.
+    """
+    from sd_plugin.deploy import EarlyExitModel, collect_exit_logits, truncate
+
+    n = x.shape[0]
+    num_exits = model.num_exits  # type: ignore[attr-defined]
+    ref = collect_exit_logits(model, [(x, torch.zeros(n, dtype=torch.long))]).logits
+    for k in range(num_exits + 1):
+        torch.testing.assert_close(truncate(model, k, x[:1])(x), ref[k], rtol=1e-4, atol=1e-5)
+    probs = ref[:-1].softmax(-1).max(-1).values
+    thresholds = [float(p.quantile(0.5)) for p in probs]
+    out = EarlyExitModel(model, thresholds).eval()(x)
+    expected = torch.full((n,), num_exits)
+    for k in reversed(range(num_exits)):
+        expected = torch.where(probs[k] >= thresholds[k], k, expected)
+    assert torch.equal(out.exit_index, expected)
+    torch.testing.assert_close(out.logits, ref[expected, torch.arange(n)], rtol=1e-4, atol=1e-5)
+    remaining = [n - int((expected < k).sum()) for k in range(num_exits + 1)]
+    assert out.samples_per_stage == remaining
+    return expected

@@ -3,12 +3,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from deploy_toy import check_truncation_and_early_exit
 
 pytest.importorskip("mmpretrain")
 from mmpretrain.registry import HOOKS, MODELS  # noqa: E402
 
 import sd_plugin  # noqa: E402, F401  (registers SelfDistillClassifier)
-from sd_plugin.deploy import EarlyExitModel, collect_exit_logits, strip_checkpoint, truncate  # noqa: E402
+from sd_plugin.deploy import strip_checkpoint  # noqa: E402
 from sd_plugin.deploy.strip import main as strip_main  # noqa: E402
 from sd_plugin.mmpretrain_adapter.save_stripped_checkpoint_hook import SaveStrippedCheckpointHook  # noqa: E402
 
@@ -97,15 +98,4 @@ def test_hook_writes_stripped_checkpoint_next_to_the_normal_one(tmp_path):
 @pytest.mark.parametrize("name", ["cnn", "vit"])
 def test_truncation_and_early_exit_on_mmpretrain(name):
     model = _sd_model(name)
-    x, y = torch.randn(6, 3, 32, 32), torch.zeros(6, dtype=torch.long)
-    ref = collect_exit_logits(model, [(x, y)]).logits
-    for k in range(model.num_exits + 1):
-        torch.testing.assert_close(truncate(model, k, x[:1])(x), ref[k], rtol=1e-4, atol=1e-5)
-    probs = ref[:-1].softmax(-1).max(-1).values
-    thresholds = [float(p.quantile(0.5)) for p in probs]
-    out = EarlyExitModel(model, thresholds).eval()(x)
-    expected = torch.full((6,), model.num_exits)
-    for k in reversed(range(model.num_exits)):
-        expected = torch.where(probs[k] >= thresholds[k], k, expected)
-    assert torch.equal(out.exit_index, expected)
-    torch.testing.assert_close(out.logits, ref[expected, torch.arange(6)], rtol=1e-4, atol=1e-5)
+    check_truncation_and_early_exit(model, torch.randn(6, 3, 32, 32))

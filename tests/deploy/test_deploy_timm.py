@@ -1,14 +1,12 @@
 import pytest
 import torch
+from deploy_toy import check_truncation_and_early_exit
 
 timm = pytest.importorskip("timm")
 import sd_plugin  # noqa: E402
 from sd_plugin.deploy import (  # noqa: E402
-    EarlyExitModel,
-    collect_exit_logits,
     plain_state_dict,
     strip_checkpoint,
-    truncate,
 )
 from sd_plugin.deploy.strip import main as strip_main  # noqa: E402
 
@@ -55,17 +53,4 @@ def test_strip_round_trip_strict(name, tmp_path):
 @pytest.mark.parametrize("name", ["cnn", "vit"])
 def test_truncation_and_early_exit_on_timm(name):
     model = _trained_like(name)
-    x, y = torch.randn(8, 3, 32, 32), torch.zeros(8, dtype=torch.long)
-    ref = collect_exit_logits(model, [(x, y)]).logits
-    for k in range(model.num_exits + 1):
-        torch.testing.assert_close(truncate(model, k, x[:1])(x), ref[k], rtol=1e-4, atol=1e-5)
-    probs = ref[:-1].softmax(-1).max(-1).values
-    thresholds = [float(p.quantile(0.5)) for p in probs]
-    out = EarlyExitModel(model, thresholds).eval()(x)
-    expected = torch.full((8,), model.num_exits)
-    for k in reversed(range(model.num_exits)):
-        expected = torch.where(probs[k] >= thresholds[k], k, expected)
-    assert torch.equal(out.exit_index, expected)
-    torch.testing.assert_close(out.logits, ref[expected, torch.arange(8)], rtol=1e-4, atol=1e-5)
-    remaining = [8 - int((expected < k).sum()) for k in range(model.num_exits + 1)]
-    assert out.samples_per_stage == remaining
+    check_truncation_and_early_exit(model, torch.randn(8, 3, 32, 32))
