@@ -42,9 +42,9 @@ def _setup_frameworks() -> None:
     if importlib.util.find_spec("mmengine") is not None:
         from mmengine.config.utils import MODULE2PACKAGE
 
-        from ._safe_globals import register_mmengine_safe_globals
+        from ._safe_globals import install_scoped_mmengine_loader
 
-        register_mmengine_safe_globals()
+        install_scoped_mmengine_loader()
         # Lets configs say `_base_ = ['sd_plugin::<folder>/<config>.py']` once sd_plugin is imported.
         MODULE2PACKAGE.setdefault("sd_plugin", "sd-plugin")
     if importlib.util.find_spec("mmpretrain") is not None:

@@ -16,11 +16,18 @@ import stat
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator, Union
+from typing import IO, Any, Callable, Iterator, Optional, Union
 
 import torch
 
-__all__ = ["atomic_save", "atomic_write", "check_checkpoint_file"]
+__all__ = [
+    "atomic_save",
+    "atomic_write",
+    "atomic_write_path",
+    "check_checkpoint_file",
+    "explain_unreadable_checkpoint",
+    "newest_intact_checkpoint",
+]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -74,6 +81,33 @@ def atomic_write(path: PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
         raise
 
 
+@contextlib.contextmanager
+def atomic_write_path(path: PathLike) -> Iterator[Path]:
+    """A temporary path next to ``path`` (same suffix) for writers that want a file name; renamed on success.
+
+    For writers that take a path rather than a file object (``torch.onnx.export``,
+    ``matplotlib``'s ``savefig`` with the format taken from the suffix). On error
+    the temporary file is removed and ``path`` keeps its old content.
+
+    Example:
+        >>> with atomic_write_path("model.onnx") as tmp:
+        ...     torch.onnx.export(model, x, str(tmp))
+    """
+    dest = _check_destination(path)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.stem}.", suffix=f".tmp{dest.suffix}", dir=dest.parent)
+    os.close(fd)
+    try:
+        os.chmod(tmp_name, _file_mode(dest))
+        yield Path(tmp_name)
+        with open(tmp_name, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_name, dest)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+
+
 def atomic_save(obj: Any, path: PathLike, save_fn: Callable[[Any, IO[bytes]], None] = torch.save) -> None:
     """``torch.save(obj, path)`` that never leaves a half-written file at ``path``.
 
@@ -87,27 +121,61 @@ def atomic_save(obj: Any, path: PathLike, save_fn: Callable[[Any, IO[bytes]], No
         save_fn(obj, f)
 
 
+def _problem(p: Path) -> Optional[str]:
+    """Why ``p`` is not a complete checkpoint file (None when it looks complete). Cheap: reads no tensors."""
+    if not p.is_file():
+        return "no such checkpoint file"
+    with open(p, "rb") as f:
+        head = f.read(4)
+    if not head:
+        return "is empty (0 bytes): it was never written completely"
+    if head == b"PK\x03\x04" and not zipfile.is_zipfile(p):
+        return "is truncated (a zip archive without its end): it was cut short while being written"
+    return None
+
+
+def newest_intact_checkpoint(folder: PathLike, exclude: Optional[PathLike] = None) -> Optional[Path]:
+    """The most recently written ``*.pth`` in ``folder`` that is complete (temporary files skipped), or None."""
+    skip = Path(exclude).resolve() if exclude is not None else None
+    found = [
+        p
+        for p in Path(folder).glob("*.pth")
+        if not p.name.startswith(".") and p.resolve() != skip and _problem(p) is None
+    ]
+    return max(found, key=lambda p: (p.stat().st_mtime_ns, p.name)) if found else None
+
+
+def _fallback_hint(p: Path) -> str:
+    good = newest_intact_checkpoint(p.parent, exclude=p)
+    if good is None:
+        return f"There is no other intact checkpoint in {str(p.parent)!r}."
+    return f"The newest intact checkpoint next to it is {str(good)!r}: resume from it with --resume {good}."
+
+
+def explain_unreadable_checkpoint(path: PathLike, err: BaseException, option: str = "checkpoint") -> ValueError:
+    """A ValueError for a checkpoint torch could not read: names the file, the cause and the last good one."""
+    p = Path(path)
+    cause = _problem(p) or f"cannot be read ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+    return ValueError(f"{option} {str(p)!r} {cause}; it is damaged (cut short or corrupt). {_fallback_hint(p)}")
+
+
 def check_checkpoint_file(path: PathLike, option: str = "checkpoint") -> None:
     """Raise ValueError when ``path`` is not an existing, complete checkpoint file.
 
     A file cut short (a crash while a non-atomic writer was saving it) still
     starts like a zip archive but has no central directory at its end; torch
     would fail later with "PytorchStreamReader failed reading zip archive".
-    Files in torch's legacy (non-zip) format are let through.
+    Files in torch's legacy (non-zip) format are let through. The message names
+    the newest intact checkpoint in the same folder, if any.
 
     Args:
         path: The checkpoint file.
         option: How the user gave it (e.g. ``'--resume'``), for the message.
     """
     p = Path(path)
+    problem = _problem(p)
+    if problem is None:
+        return
     if not p.is_file():
         raise ValueError(f"{option} {str(p)!r}: no such checkpoint file.")
-    with open(p, "rb") as f:
-        head = f.read(4)
-    if not head:
-        raise ValueError(f"{option} {str(p)!r} is empty (0 bytes): it was never written completely.")
-    if head == b"PK\x03\x04" and not zipfile.is_zipfile(p):
-        raise ValueError(
-            f"{option} {str(p)!r} is truncated (a zip archive without its end): it was cut short while being "
-            "written. Use the checkpoint before it."
-        )
+    raise ValueError(f"{option} {str(p)!r} {problem}. Use the checkpoint before it. {_fallback_hint(p)}")

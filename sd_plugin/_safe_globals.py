@@ -1,21 +1,48 @@
-"""Let torch >= 2.6 (``weights_only=True`` by default) load mmengine checkpoints.
+"""Let torch >= 2.6 (``weights_only=True`` by default) load mmengine checkpoints, and nothing else.
 
-mmengine pickles a few of its own objects (the message hub's ``HistoryBuffer``,
-numpy scalars in logs) into checkpoints; torch's safe unpickler refuses them, so
-``resume=True`` and ``load_from`` fail with "Unsupported global". Registering
-them as safe globals fixes that without turning the safe loader off.
+mmengine pickles a few of its own objects into checkpoints (the message hub's
+``HistoryBuffer`` with its statistics methods, numpy scalars and arrays in the
+logs, ``collections.Counter`` milestones in scheduler states); torch's safe
+unpickler refuses them, so ``resume=True`` and ``load_from`` fail with
+"Unsupported global". Among the objects needed is ``builtins.getattr``:
+``HistoryBuffer``'s statistics methods are pickled as ``getattr(HistoryBuffer, 'min')``.
+Allowing ``getattr`` for the whole process would let any later
+``torch.load(..., weights_only=True)`` hand back whatever built-in a file names
+(``getattr(getattr, '__self__')`` is the ``builtins`` module), so the allowance
+is *scoped*: :func:`mmengine_safe_globals` adds the objects only while a load
+that needs them runs, and :func:`install_scoped_mmengine_loader` wraps
+mmengine's local-file checkpoint loader (the one ``Runner.resume``,
+``Runner.load_checkpoint`` and ``load_from`` go through) in that context, using
+mmengine's own extension point (``CheckpointLoader.register_scheme``).
+
+The allow-list is process-global in torch, so a ``weights_only`` load running in
+another thread *during* an mmengine checkpoint load sees the wider list; loads
+before and after do not.
 """
 
 from __future__ import annotations
 
 import codecs
 import collections
-from typing import Any, List
+import contextlib
+import functools
+import os
+import threading
+from typing import Any, Callable, Iterator, List, Union
 
 import numpy as np
 import torch
 
-__all__ = ["register_mmengine_safe_globals"]
+__all__ = [
+    "mmengine_safe_globals",
+    "install_scoped_mmengine_loader",
+    "mmengine_checkpoint_globals",
+    "load_checkpoint_file",
+]
+
+_LOCK = threading.RLock()
+_DEPTH = 0
+_ADDED: List[Any] = []
 
 
 def _numpy_globals() -> List[Any]:
@@ -35,21 +62,100 @@ def _numpy_globals() -> List[Any]:
     return found
 
 
-def register_mmengine_safe_globals() -> None:
-    """Add mmengine's checkpoint objects to torch's allow-list (idempotent)."""
-    if not hasattr(torch.serialization, "add_safe_globals"):
-        return
-    from mmengine.logging import HistoryBuffer
-    from mmengine.logging.message_hub import MessageHub
+def mmengine_checkpoint_globals() -> List[Any]:
+    """Everything an mmengine training checkpoint (``resume=True``) pickles besides tensors."""
+    found: List[Any] = [collections.Counter, getattr, *_numpy_globals()]
+    try:
+        from mmengine.logging import HistoryBuffer
+        from mmengine.logging.message_hub import MessageHub
+    except ImportError:  # a timm-only install: no mmengine objects can be in the file
+        return found
+    return [HistoryBuffer, MessageHub, *found]
 
-    torch.serialization.add_safe_globals([HistoryBuffer, MessageHub, *_numpy_globals(), *_resume_globals()])
 
+@contextlib.contextmanager
+def mmengine_safe_globals() -> Iterator[None]:
+    """Allow mmengine's checkpoint objects in ``weights_only`` loads inside this block only.
 
-def _resume_globals() -> List[Any]:
-    """Objects in the checkpoints that ``resume=True`` reads back.
-
-    ``collections.Counter``: ``MultiStepLR``'s milestones in the scheduler state. ``getattr``: the message
-    hub pickles ``HistoryBuffer``'s statistics methods as ``getattr(HistoryBuffer, 'min')``. The unpickler
-    still calls only allow-listed callables, so ``getattr`` can fetch attributes but not call them.
+    Re-entrant and safe to nest from several threads: the objects are added by the
+    outermost block and removed when the last block exits; objects the user had
+    already allowed themselves are left allowed.
     """
-    return [collections.Counter, getattr]
+    global _DEPTH
+    if not hasattr(torch.serialization, "get_safe_globals"):  # torch < 2.4: no allow-list
+        yield
+        return
+    with _LOCK:
+        if _DEPTH == 0:
+            present = set(map(id, torch.serialization.get_safe_globals()))
+            _ADDED[:] = [g for g in mmengine_checkpoint_globals() if id(g) not in present]
+            torch.serialization.add_safe_globals(list(_ADDED))
+        _DEPTH += 1
+    try:
+        yield
+    finally:
+        with _LOCK:
+            _DEPTH -= 1
+            if _DEPTH == 0:
+                _remove(_ADDED)
+                _ADDED.clear()
+
+
+def load_checkpoint_file(path: Union[str, os.PathLike[str]], option: str = "checkpoint") -> Any:
+    """``torch.load(path, map_location='cpu', weights_only=True)`` that also reads mmengine checkpoints.
+
+    mmengine's objects are allowed for this load only; a damaged file raises a
+    ValueError naming it and the newest intact checkpoint next to it.
+    """
+    from ._io import explain_unreadable_checkpoint
+
+    with mmengine_safe_globals():
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except (RuntimeError, EOFError, ValueError) as err:
+            if not os.path.isfile(path):
+                raise
+            raise explain_unreadable_checkpoint(path, err, option) from err
+
+
+def _remove(objs: List[Any]) -> None:
+    from torch import _weights_only_unpickler as wou
+
+    remove = getattr(wou, "_remove_safe_globals", None)
+    if remove is not None:
+        remove(objs)
+        return
+    keep = [g for g in torch.serialization.get_safe_globals() if all(g is not o for o in objs)]
+    torch.serialization.clear_safe_globals()
+    torch.serialization.add_safe_globals(keep)
+
+
+def _scoped(loader: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(loader)  # keeps the name 'load_from_local', which mmengine prints
+    def load(filename: str, map_location: Any = None) -> Any:
+        from ._io import explain_unreadable_checkpoint
+
+        with mmengine_safe_globals():
+            try:
+                return loader(filename, map_location)
+            except (RuntimeError, EOFError, OSError, ValueError) as err:
+                if isinstance(err, FileNotFoundError) or not os.path.isfile(os.path.expanduser(filename)):
+                    raise
+                raise explain_unreadable_checkpoint(os.path.expanduser(filename), err) from err
+
+    load.sd_plugin_scoped = True  # type: ignore[attr-defined]
+    return load
+
+
+def install_scoped_mmengine_loader() -> None:
+    """Wrap mmengine's local checkpoint loader so its loads (and only those) allow mmengine's objects.
+
+    Idempotent. Unreadable files (cut short, corrupt) raise a ValueError that names
+    the file and the newest intact checkpoint next to it.
+    """
+    from mmengine.runner.checkpoint import CheckpointLoader
+
+    current = CheckpointLoader._get_checkpoint_loader("")
+    if current is None or getattr(current, "sd_plugin_scoped", False):
+        return
+    CheckpointLoader.register_scheme(prefixes="", loader=_scoped(current), force=True)

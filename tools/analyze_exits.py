@@ -70,9 +70,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def _state_dict(path: str) -> Dict[str, Any]:
-    import sd_plugin  # noqa: F401  (safe globals for mmengine checkpoints)
+    from sd_plugin._safe_globals import load_checkpoint_file
 
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = load_checkpoint_file(path, "--checkpoint")
     return ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else ckpt
 
 
