@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from .._io import atomic_save
+from .._safe_globals import load_checkpoint_file
 
 __all__ = ["EXIT_PREFIXES", "strip_state_dict", "strip_checkpoint", "plain_state_dict", "main"]
 
@@ -67,7 +68,7 @@ def strip_checkpoint(
     Returns:
         The stripped checkpoint.
     """
-    ckpt: Any = torch.load(src, map_location="cpu", weights_only=True) if isinstance(src, (str, Path)) else src
+    ckpt: Any = load_checkpoint_file(src) if isinstance(src, (str, Path)) else src
     if not isinstance(ckpt, Mapping):
         raise TypeError(f"a checkpoint must be a dict, got {type(ckpt).__name__}.")
     if "state_dict" in ckpt and isinstance(ckpt["state_dict"], Mapping):
