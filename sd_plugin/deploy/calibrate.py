@@ -16,8 +16,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from ..core import FeatureTaps
-from .early_exit import as_multi_exit
+from ._numbering import exit_names
+from .early_exit import as_multi_exit, forward_with_features
 from .policy import ExitPolicy, confidence_scores, exit_decisions
 
 __all__ = ["ExitLogits", "collect_exit_logits", "evaluate_policy", "calibrate"]
@@ -28,7 +28,7 @@ class ExitLogits:
     """Logits of every exit and the deepest classifier on a labelled set.
 
     Attributes:
-        logits: (E + 1, N, C): the E shallow exits, then the deepest classifier.
+        logits: (E + 1, N, C): the E shallow exits (``exit1`` first), then the deepest classifier.
         targets: (N,) int64 labels.
     """
 
@@ -56,8 +56,13 @@ class ExitLogits:
             ExitLogits(self.logits[:, n:], self.targets[n:]),
         )
 
+    @property
+    def names(self) -> List[str]:
+        """The training log's names of the rows of :attr:`logits`: ``exit1`` ... ``exitE``, ``deepest``."""
+        return exit_names(self.num_exits)
+
     def top1(self) -> torch.Tensor:
-        """(E + 1,) top-1 accuracy (percent) of every exit."""
+        """(E + 1,) top-1 accuracy (percent) of every exit, in the order of :attr:`names`."""
         return (self.logits.argmax(dim=-1) == self.targets).float().mean(dim=1) * 100
 
 
@@ -73,9 +78,8 @@ def collect_exit_logits(model: nn.Module, batches: Iterable[Tuple[torch.Tensor, 
     logits: List[torch.Tensor] = []
     targets: List[torch.Tensor] = []
     for images, labels in batches:
-        with FeatureTaps(mx.tapped_module(), mx.exit_points) as taps:
-            deepest = mx.forward_deepest(images)
-        per_exit = [mx.forward_exit(k, f) for k, f in enumerate(taps.features)]
+        deepest, features = forward_with_features(mx, images)
+        per_exit = [mx.forward_exit(k, f) for k, f in enumerate(features)]
         logits.append(torch.stack([*per_exit, deepest]).float().cpu())
         targets.append(labels.cpu().long())
     if not logits:
@@ -121,7 +125,8 @@ def evaluate_policy(data: ExitLogits, policy: ExitPolicy, costs: Optional[Sequen
 
     Returns:
         dict with 'top1', 'deepest_top1', 'drop' (points), 'cost' (average of ``costs`` over the
-        samples) and 'exit_share' (fraction of samples answered by each exit).
+        samples) and 'exit_share': the fraction of samples answered by each exit, keyed by the training
+        log's names (``{'exit1': ..., 'exitE': ..., 'deepest': ...}``, shallowest first).
     """
     if policy.num_exits != data.num_exits:
         raise ValueError(f"policy has {policy.num_exits} thresholds but the data has {data.num_exits} exits.")
@@ -129,7 +134,8 @@ def evaluate_policy(data: ExitLogits, policy: ExitPolicy, costs: Optional[Sequen
     top1, cost, idx = scorer(policy.bounds())
     deepest = float(scorer.correct[-1].mean()) * 100
     share = torch.bincount(idx, minlength=data.num_exits + 1).double() / idx.numel()
-    return {"top1": top1, "deepest_top1": deepest, "drop": deepest - top1, "cost": cost, "exit_share": share.tolist()}
+    shares = dict(zip(exit_names(data.num_exits), share.tolist()))
+    return {"top1": top1, "deepest_top1": deepest, "drop": deepest - top1, "cost": cost, "exit_share": shares}
 
 
 def _candidates(scores: torch.Tensor, n: int) -> torch.Tensor:

@@ -1,23 +1,42 @@
 """Early-exit inference: each sample leaves at the first exit confident enough, later stages are skipped.
 
-Forward hooks on the exit points of the model's tapped module compute each exit
-during the model's own forward pass, record the samples it answers and hand only
+The model's own forward pass runs once; at every exit point an intercept
+function (the model's exit engine, :meth:`ExitEngine.intercept`) computes that
+exit for the samples still unanswered, records those it answers and hands only
 the others on to the rest of the network (a smaller batch). When no sample is
-left, :class:`~sd_plugin.core.StopForward` ends the pass.
+left, :class:`~sd_plugin.core.StopForward` ends the pass. An exit whose
+threshold is ``None`` is not computed at all.
+
+Every call keeps its book-keeping in local variables and the engine keeps its
+session per thread, so one :class:`EarlyExitModel` serves many threads at once
+and no hook is added or removed per call. A model without an exit engine (a
+hand-written :class:`~sd_plugin.core.MultiExitModel`) gets temporary hooks
+instead, and its calls are serialised by a per-model lock.
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
+import weakref
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence, Union, cast
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union, cast
 
 import torch
 import torch.nn as nn
 
-from ..core import ExitPoint, MultiExitModel, StopForward, get_submodule, select_feature
+from ..core import ExitPoint, FeatureTaps, MultiExitModel, StopForward, get_submodule, select_feature
+from ._numbering import warn_exit_index
 from .policy import ExitPolicy, confidence_scores
 
-__all__ = ["EarlyExitModel", "EarlyExitOutput", "as_multi_exit"]
+__all__ = [
+    "EarlyExitModel",
+    "EarlyExitOutput",
+    "as_multi_exit",
+    "early_exit_forward",
+    "forward_with_features",
+    "intercepting",
+]
 
 
 def as_multi_exit(model: Any) -> MultiExitModel:
@@ -38,15 +57,21 @@ class EarlyExitOutput:
 
     Attributes:
         logits: (N, C) logits, in input order, from the exit that answered each sample.
-        exit_index: (N,) int64, the 0-based exit that answered; ``num_exits`` is the deepest classifier.
-        samples_per_stage: Samples that reached each exit point (shallowest first), counted by
-            hooks on the point's module, then the samples for which the deepest classifier
-            produced logits. A stage that did not run has 0.
+        exit: (N,) int64, the exit that answered, numbered as the training log names them: 1 is ``exit1``
+            (the shallowest), ``num_exits + 1`` the deepest classifier.
+        samples_per_stage: Samples that reached each exit point (shallowest first), then the samples for
+            which the deepest classifier produced logits. A stage that did not run has 0.
     """
 
     logits: torch.Tensor
-    exit_index: torch.Tensor
+    exit: torch.Tensor
     samples_per_stage: List[int]
+
+    @property
+    def exit_index(self) -> torch.Tensor:
+        """Deprecated: the 0-based exit (``exit - 1``; ``num_exits`` for the deepest)."""
+        warn_exit_index("EarlyExitOutput.exit_index", "EarlyExitOutput.exit")
+        return self.exit - 1
 
     @property
     def stages_run(self) -> int:
@@ -54,30 +79,168 @@ class EarlyExitOutput:
         return sum(1 for n in self.samples_per_stage if n > 0)
 
 
-def _subset(value: Any, keep: torch.Tensor, batch: int, point: ExitPoint) -> Any:
-    """``value`` (a hooked module's output or input tuple) with only the samples in ``keep``."""
+# ----------------------------------------------------------------------------------------------- interception
+_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.Lock] = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def _model_lock(module: nn.Module) -> threading.Lock:
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(module)
+        if lock is None:
+            lock = _LOCKS[module] = threading.Lock()
+        return lock
+
+
+@contextlib.contextmanager
+def _hooked(mx: MultiExitModel, fn: Callable[[int, torch.Tensor, Any], Any]) -> Iterator[None]:
+    """Fallback for models without an exit engine: temporary hooks, one thread at a time per model."""
+    tapped = mx.tapped_module()
+    with _model_lock(tapped):
+        handles = []
+        try:
+            for k, point in enumerate(mx.exit_points):
+                module = get_submodule(tapped, point.module)
+
+                def call(value: Any, k: int = k, point: ExitPoint = point) -> Any:
+                    return fn(k, select_feature(value, point), value)
+
+                if point.hook == "forward_pre":
+                    handles.append(module.register_forward_pre_hook(lambda m, args, call=call: call(args)))
+                else:
+                    handles.append(module.register_forward_hook(lambda m, args, out, call=call: call(out)))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def intercepting(model: Any, fn: Callable[[int, torch.Tensor, Any], Any]) -> Any:
+    """Context manager calling ``fn(k, feature, value)`` at every exit point of ``model``'s forward pass.
+
+    ``fn`` returns None (go on), a replacement value, or raises ``StopForward`` (see ``ExitEngine.intercept``).
+    """
+    engine = getattr(model, "exit_engine", None)
+    if engine is not None and hasattr(engine, "intercept"):
+        return engine.intercept(fn)
+    return _hooked(cast(MultiExitModel, model), fn)
+
+
+def forward_with_features(model: Any, inputs: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """The deepest logits and every exit point's feature from one forward pass (the engine's capture)."""
+    mx = as_multi_exit(model)
+    engine = getattr(model, "exit_engine", None)
+    if engine is not None and hasattr(engine, "capture"):
+        with engine.capture() as cap:
+            deepest = mx.forward_deepest(inputs)
+        return deepest, list(cap.features)[: mx.num_exits]
+    with _model_lock(mx.tapped_module()), FeatureTaps(mx.tapped_module(), mx.exit_points) as taps:
+        deepest = mx.forward_deepest(inputs)
+    return deepest, taps.features
+
+
+def _subset(value: Any, keep: torch.Tensor, batch: int, k: int) -> Any:
+    """``value`` (a hooked module's output or input tuple) with only the samples at the indices ``keep``."""
     if isinstance(value, torch.Tensor):
-        return value[keep]
+        return value.index_select(0, keep)
     if isinstance(value, (tuple, list)):
-        items = [v[keep] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch else v for v in value]
+        items = [
+            v.index_select(0, keep) if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch else v
+            for v in value
+        ]
         return type(value)(items)
-    raise TypeError(f"cannot drop answered samples from the {type(value).__name__} given by {point.module!r}.")
+    raise TypeError(f"cannot drop answered samples from the {type(value).__name__} given at exit point {k}.")
 
 
+# ------------------------------------------------------------------------------------------------ the cascade
 class _Run:
-    """Book-keeping of one early-exit forward pass."""
+    """Book-keeping of one early-exit forward pass (local to the call: calls share no state)."""
 
-    def __init__(self, batch: int, num_points: int, device: torch.device) -> None:
-        self.remaining = torch.arange(batch, device=device)
+    def __init__(self, mx: MultiExitModel, inputs: torch.Tensor, bounds: Sequence[float], criterion: str) -> None:
+        self.mx = mx
+        self.bounds = list(bounds)
+        self.criterion = criterion
+        self.batch = inputs.shape[0]
+        self.remaining = torch.arange(self.batch, device=inputs.device)
         self.logits: Optional[torch.Tensor] = None
-        self.exit_index = torch.full((batch,), num_points, dtype=torch.long, device=device)
-        self.entered = [0] * num_points
+        self.exit = torch.full((self.batch,), mx.num_exits + 1, dtype=torch.long, device=inputs.device)
+        self.entered = [0] * mx.num_exits
 
-    def answer(self, rows: torch.Tensor, logits: torch.Tensor, k: int) -> None:
+    def answer(self, rows: Optional[torch.Tensor], logits: torch.Tensor, k: int) -> None:
         if self.logits is None:
-            self.logits = logits.new_zeros(self.exit_index.shape[0], logits.shape[1])
-        self.logits[rows] = logits
-        self.exit_index[rows] = k
+            if rows is None and logits.shape[0] == self.batch:
+                self.logits = logits  # everything answered at once: no copy
+                self.exit.fill_(k + 1)
+                return
+            self.logits = logits.new_zeros(self.batch, logits.shape[1])
+        if rows is None:
+            rows = self.remaining
+        self.logits.index_copy_(0, rows, logits)
+        self.exit.index_fill_(0, rows, k + 1)
+
+    def __call__(self, k: int, feature: torch.Tensor, value: Any) -> Any:
+        n = self.remaining.numel()
+        self.entered[k] = n
+        bound = self.bounds[k]
+        if bound == float("inf"):
+            return None  # this exit never answers: do not compute it
+        if feature.shape[0] != n:
+            raise RuntimeError(
+                f"exit {k + 1} got {feature.shape[0]} samples, expected {n}: the feature's first dimension must "
+                "be the batch."
+            )
+        logits = self.mx.forward_exit(k, feature)
+        if logits.dim() != 2 or logits.shape[0] != n:
+            raise RuntimeError(f"exit {k + 1} returned {tuple(logits.shape)} logits for {n} samples.")
+        done = confidence_scores(logits, self.criterion) >= bound
+        picked = done.nonzero().squeeze(1)  # the one host sync of this exit
+        n_done = picked.numel()
+        if n_done == 0:
+            return None
+        if n_done == n:
+            self.answer(None, logits, k)
+            raise StopForward
+        self.answer(self.remaining.index_select(0, picked), logits.index_select(0, picked), k)
+        keep = (~done).nonzero().squeeze(1)
+        self.remaining = self.remaining.index_select(0, keep)
+        return _subset(value, keep, n, k)
+
+
+def early_exit_forward(
+    model: Any, inputs: torch.Tensor, bounds: Sequence[float], criterion: str = "max_prob"
+) -> EarlyExitOutput:
+    """One early-exit pass of a :class:`~sd_plugin.core.MultiExitModel` (what :class:`EarlyExitModel` runs).
+
+    Args:
+        model: The model with exits (eval mode).
+        inputs: (N, ...) input batch.
+        bounds: One lower bound on :func:`~sd_plugin.deploy.policy.confidence_scores` per shallow exit
+            (``ExitPolicy.bounds()``; ``inf``: the exit is never computed).
+        criterion: 'max_prob' or 'entropy'.
+    """
+    mx = as_multi_exit(model)
+    if len(bounds) != mx.num_exits:
+        raise ValueError(f"got {len(bounds)} bounds for a model with {mx.num_exits} exits.")
+    run = _Run(mx, inputs, bounds, criterion)
+    deepest: Optional[torch.Tensor]
+    try:
+        with intercepting(model, run):
+            deepest = mx.forward_deepest(inputs)
+    except StopForward:
+        deepest = None
+    reached = 0
+    if deepest is not None:
+        if deepest.dim() != 2 or deepest.shape[0] != run.remaining.numel():
+            raise RuntimeError(
+                f"the deepest classifier returned shape {tuple(deepest.shape)} for {run.remaining.numel()} "
+                "remaining samples: this model's forward does not accept the smaller batch early exit hands on; "
+                "use batch size 1."
+            )
+        reached = deepest.shape[0]
+        run.answer(None, deepest, mx.num_exits)
+    if run.logits is None:
+        raise RuntimeError("the forward pass answered no sample: the model's exits did not run.")
+    return EarlyExitOutput(run.logits, run.exit, [*run.entered, reached])
 
 
 class EarlyExitModel(nn.Module):
@@ -85,17 +248,19 @@ class EarlyExitModel(nn.Module):
 
     Args:
         model: A :class:`~sd_plugin.core.MultiExitModel` (``sd_plugin.wrap(...)``, SelfDistillClassifier).
-        thresholds: One per shallow exit (``None``: that exit never answers), or an :class:`ExitPolicy`.
+        thresholds: One per shallow exit, ``exit1`` first (``None``: that exit never answers and is not
+            computed), or an :class:`ExitPolicy`.
         criterion: 'max_prob' (answer when max softmax prob >= threshold, default) or
             'entropy' (answer when the softmax entropy in nats <= threshold). Taken from the
             policy when ``thresholds`` is one.
 
     The thresholds live in a buffer and the criterion in the extra state, so
-    ``state_dict``/``load_state_dict`` keep them with the weights.
+    ``state_dict``/``load_state_dict`` keep them with the weights. A call changes
+    no state of the model: one instance may be called from many threads at once.
 
     Example:
         >>> ee = EarlyExitModel(sd_plugin.wrap(timm.create_model("resnet18")), [0.9, 0.9, 0.9]).eval()
-        >>> out = ee(images)  # out.logits (N, C), out.exit_index (N,)
+        >>> out = ee(images)  # out.logits (N, C), out.exit (N,): 1 = exit1, ..., num_exits + 1 = deepest
     """
 
     score_bounds: torch.Tensor
@@ -157,73 +322,4 @@ class EarlyExitModel(nn.Module):
     def forward(self, inputs: torch.Tensor) -> EarlyExitOutput:
         if self.training:
             raise RuntimeError("EarlyExitModel is for inference: call .eval() first (batch norm needs running stats).")
-        run = _Run(inputs.shape[0], self._mx.num_exits, inputs.device)
-        handles = []
-        tapped = self._mx.tapped_module()
-        for k, point in enumerate(self._mx.exit_points):
-            module = get_submodule(tapped, point.module)
-            if point.hook == "forward_pre":
-                handles.append(module.register_forward_pre_hook(self._hook(run, k, point, pre=True)))
-            else:
-                handles.append(module.register_forward_pre_hook(self._count(run, k)))
-                handles.append(module.register_forward_hook(self._hook(run, k, point, pre=False)))
-        try:
-            deepest: Optional[torch.Tensor] = self._mx.forward_deepest(inputs)
-        except StopForward:
-            deepest = None
-        finally:
-            for h in handles:
-                h.remove()
-        reached = 0
-        if deepest is not None:
-            if deepest.dim() != 2 or deepest.shape[0] != run.remaining.numel():
-                raise RuntimeError(
-                    f"the deepest classifier returned shape {tuple(deepest.shape)} for "
-                    f"{run.remaining.numel()} remaining samples: this model's forward does not accept the "
-                    "smaller batch early exit hands on; use batch size 1."
-                )
-            reached = deepest.shape[0]
-            run.answer(run.remaining, deepest, self._mx.num_exits)
-        assert run.logits is not None  # every sample is answered by an exit or the deepest classifier
-        return EarlyExitOutput(run.logits, run.exit_index, [*run.entered, reached])
-
-    def _count(self, run: _Run, k: int) -> Any:
-        def hook(module: nn.Module, args: Any) -> None:
-            run.entered[k] += run.remaining.numel()
-
-        return hook
-
-    def _hook(self, run: _Run, k: int, point: ExitPoint, pre: bool) -> Any:
-        def decide(value: Any) -> Any:
-            feature = select_feature(value, point)
-            batch = run.remaining.numel()
-            if feature.shape[0] != batch:
-                raise RuntimeError(
-                    f"exit {k} at {point.module!r} got {feature.shape[0]} samples, expected {batch}: the feature's "
-                    "first dimension must be the batch."
-                )
-            logits = self._mx.forward_exit(k, feature)
-            if logits.shape[0] != batch:
-                raise RuntimeError(f"exit {k} returned {tuple(logits.shape)} logits for {batch} samples.")
-            done = confidence_scores(logits, self.criterion) >= self.score_bounds[k]
-            if not bool(done.any()):
-                return None
-            run.answer(run.remaining[done], logits[done], k)
-            keep = ~done
-            run.remaining = run.remaining[keep]
-            if run.remaining.numel() == 0:
-                raise StopForward
-            return _subset(value, keep, batch, point)
-
-        if pre:
-
-            def pre_hook(module: nn.Module, args: Any) -> Any:
-                run.entered[k] += run.remaining.numel()
-                return decide(args)
-
-            return pre_hook
-
-        def fwd_hook(module: nn.Module, args: Any, output: Any) -> Any:
-            return decide(output)
-
-        return fwd_hook
+        return early_exit_forward(self.model, inputs, self.score_bounds.tolist(), self.criterion)

@@ -15,8 +15,8 @@ from typing import Any, List, Sequence, cast
 import torch
 import torch.nn as nn
 
-from ..core import FeatureTaps, MultiExitModel
-from .early_exit import as_multi_exit
+from ..core import MultiExitModel
+from .early_exit import as_multi_exit, forward_with_features
 from .truncate import TruncatedModel
 
 __all__ = ["ExitCosts", "exit_costs", "count_flops"]
@@ -91,13 +91,11 @@ def exit_costs(model: nn.Module, example_input: torch.Tensor) -> ExitCosts:
     mx: MultiExitModel = as_multi_exit(model)
     module = cast(nn.Module, model)
     deepest_total, by_module = count_flops(_Call(module, "forward_deepest"), example_input)
-    with FeatureTaps(mx.tapped_module(), mx.exit_points) as taps:
-        mx.forward_deepest(example_input)
-    feats: Sequence[torch.Tensor] = taps.features
+    feats: Sequence[torch.Tensor] = forward_with_features(mx, example_input)[1]
     exit_flops = [count_flops(_Call(module, "forward_exit", k), f)[0] for k, f in enumerate(feats)]
     flops, params = [], []
     for k in range(mx.num_exits + 1):
-        trunc = TruncatedModel(module, k, example_input)
+        trunc = TruncatedModel(module, example_input=example_input, exit=k + 1)
         dropped = sum(by_module.get(f"model.{name}", 0) for name in trunc.pruned)
         flops.append(deepest_total - dropped + (exit_flops[k] if k < mx.num_exits else 0))
         params.append(_params(trunc))

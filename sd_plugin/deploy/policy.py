@@ -1,7 +1,7 @@
 """Exit policies: when an exit is confident enough to answer, and saving the thresholds.
 
-A policy holds one threshold per shallow exit (the deepest classifier always
-answers what is left). With ``criterion='max_prob'`` exit ``k`` answers a sample
+A policy holds one threshold per shallow exit, ``exit1`` (the shallowest) first;
+the deepest classifier always answers what is left. With ``criterion='max_prob'`` exit ``k`` answers a sample
 when its maximum softmax probability is ``>= thresholds[k]``; with
 ``criterion='entropy'`` when the entropy of its softmax (nats) is
 ``<= thresholds[k]``. A threshold of ``None`` means the exit never answers.
@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
+
+from ._numbering import warn_exit_index
 
 __all__ = ["CRITERIA", "ExitPolicy", "confidence_scores", "exit_decisions", "thresholds_to_scores"]
 
@@ -111,15 +113,23 @@ class ExitPolicy:
         """(E,) lower bounds on :func:`confidence_scores`."""
         return thresholds_to_scores(self.thresholds, self.criterion)
 
-    def decide(self, exit_logits: Union[torch.Tensor, Sequence[torch.Tensor]]) -> torch.Tensor:
+    def exits(self, exit_logits: Union[torch.Tensor, Sequence[torch.Tensor]]) -> torch.Tensor:
         """Which exit answers each sample, from the logits of (at least) every shallow exit.
 
         Args:
-            exit_logits: (E or E + 1, N, C) logits, or a list of (N, C).
+            exit_logits: (E or E + 1, N, C) logits, or a list of (N, C), ``exit1`` first.
 
         Returns:
-            (N,) exit indices, ``E`` for the deepest classifier.
+            (N,) int64 exits numbered as the training log names them: 1 (``exit1``) ... E + 1 (the deepest).
         """
+        return self._decide(exit_logits) + 1
+
+    def decide(self, exit_logits: Union[torch.Tensor, Sequence[torch.Tensor]]) -> torch.Tensor:
+        """Deprecated (0-based, ``E`` for the deepest): use :meth:`exits`, which returns ``decide(...) + 1``."""
+        warn_exit_index("ExitPolicy.decide", "ExitPolicy.exits")
+        return self._decide(exit_logits)
+
+    def _decide(self, exit_logits: Union[torch.Tensor, Sequence[torch.Tensor]]) -> torch.Tensor:
         logits = torch.stack(list(exit_logits)) if not isinstance(exit_logits, torch.Tensor) else exit_logits
         if logits.dim() != 3 or logits.shape[0] not in (self.num_exits, self.num_exits + 1):
             raise ValueError(

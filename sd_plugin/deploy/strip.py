@@ -1,9 +1,10 @@
 """Strip the exits from a self-distillation checkpoint: the user's original model loads it with ``strict=True``.
 
 The deepest classifier *is* the original model, so stripping only drops the exit
-weights: ``sd_exits.*`` (timm's ``SelfDistillModel``, whose other keys are the
-timm model's own) and ``exit_necks.*`` / ``exit_heads.*`` / ``distill_loss.*``
-(MMPretrain's ``SelfDistillClassifier``, whose other keys are ImageClassifier's).
+weights. Which keys those are, each adapter model declares in its class attribute
+``exit_state_prefixes`` (timm's ``SelfDistillModel``: ``sd_exits.``; MMPretrain's
+``SelfDistillClassifier``: its exit necks, exit heads and distillation loss); a
+checkpoint file is stripped of the prefixes of every adapter installed.
 
 Command line::
 
@@ -13,28 +14,64 @@ Command line::
 from __future__ import annotations
 
 import argparse
+import importlib
+import warnings
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-import torch
 import torch.nn as nn
 
 from .._io import atomic_save
 from .._safe_globals import load_checkpoint_file
 
-__all__ = ["EXIT_PREFIXES", "strip_state_dict", "strip_checkpoint", "plain_state_dict", "main"]
+__all__ = ["exit_state_prefixes", "strip_state_dict", "strip_checkpoint", "plain_state_dict", "main"]
 
-#: Key prefixes of the exits' weights in the adapters' state dicts.
-EXIT_PREFIXES = ("sd_exits.", "exit_necks.", "exit_heads.", "distill_loss.")
-
+_ADAPTER_MODELS = (
+    ("sd_plugin.timm_adapter.model", "SelfDistillModel"),
+    ("sd_plugin.mmpretrain_adapter.classifier", "SelfDistillClassifier"),
+)
 _PREFIX_PREFIXES = ("", "module.", "ema_", "ema_model.")
 
 
-def strip_state_dict(state_dict: Mapping[str, Any], prefixes: Sequence[str] = EXIT_PREFIXES) -> Dict[str, Any]:
-    """A copy of ``state_dict`` without the keys of the exits (order kept)."""
+def exit_state_prefixes(model: Optional[nn.Module] = None) -> Tuple[str, ...]:
+    """State-dict prefixes of the exits: ``model``'s own (``exit_state_prefixes``), else every adapter's."""
+    if model is not None:
+        prefixes = getattr(type(model), "exit_state_prefixes", None)
+        if not prefixes:
+            raise TypeError(
+                f"{type(model).__name__} declares no exit_state_prefixes: pass the model from sd_plugin.wrap(...) "
+                "or a SelfDistillClassifier."
+            )
+        return tuple(prefixes)
+    out: List[str] = []
+    for module_name, class_name in _ADAPTER_MODELS:
+        try:
+            cls = getattr(importlib.import_module(module_name), class_name)
+        except ImportError:  # that adapter's framework is not installed
+            continue
+        out.extend(p for p in cls.exit_state_prefixes if p not in out)
+    return tuple(out)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "EXIT_PREFIXES":
+        warnings.warn(
+            "sd_plugin.deploy.strip.EXIT_PREFIXES is deprecated: use exit_state_prefixes() (the adapters declare "
+            "their prefixes in the class attribute exit_state_prefixes).",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return exit_state_prefixes()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def strip_state_dict(state_dict: Mapping[str, Any], prefixes: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """A copy of ``state_dict`` without the keys of the exits (order kept; default prefixes: every adapter's)."""
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}.")
+    if prefixes is None:
+        prefixes = exit_state_prefixes()
     drops = tuple(outer + p for outer in _PREFIX_PREFIXES for p in prefixes)
     return OrderedDict((k, v) for k, v in state_dict.items() if not k.startswith(drops))
 
@@ -48,7 +85,7 @@ def plain_state_dict(model: nn.Module) -> Dict[str, Any]:
         raise TypeError(
             f"{type(model).__name__} has no exits: pass the model from sd_plugin.wrap(...) or a SelfDistillClassifier."
         )
-    return strip_state_dict(model.state_dict())
+    return strip_state_dict(model.state_dict(), exit_state_prefixes(model))
 
 
 def strip_checkpoint(

@@ -17,6 +17,7 @@ from sd_plugin._checks import check_class_labels, check_finite_input
 from sd_plugin.core import ExitPoint, SelfDistillConfig, SelfDistillOutput, StopForward, get_submodule, select_feature
 
 from ._discovery import discover_exit_points, find_candidates, probe_input_shape
+from ._early_exit_infer import early_exit_logits, exit_scores_requested, parse_early_exit
 from ._heads import build_exit_head, check_head, head_loss_fn, run_head, targets_of
 from .distill_loss import SelfDistillLoss
 from .exit_neck import SelfDistillExitNeck
@@ -51,8 +52,9 @@ class SelfDistillClassifier(ImageClassifier):
     deepest classifier only (no exit is computed) unless ``predict_exit`` says
     otherwise. In the Runner's validation and test loops (``val_step`` /
     ``test_step``) every exit's softmax scores are attached to each DataSample as
-    ``exit_scores`` ((num_exits + 1, num_classes), deepest last) for
-    :class:`MultiExitAccuracy`; set ``eval_exits=False`` to skip that.
+    ``exit_scores`` ((num_exits + 1, num_classes), deepest last) when a metric
+    reads them (:class:`MultiExitAccuracy`); with MMPretrain's ``Accuracy``, the
+    ``ImageClassificationInferencer`` and ``predict`` no exit runs.
 
     Args:
         backbone, neck, head, pretrained, train_cfg, data_preprocessor, init_cfg:
@@ -62,7 +64,13 @@ class SelfDistillClassifier(ImageClassifier):
             automatically. Each one's output must feed the next.
         probe_size: Input size of the probe forward pass that measures channels
             and strides (default: the backbone's ``img_size``, else 224).
-        eval_exits: Attach every exit's scores in ``val_step``/``test_step``.
+        eval_exits: Attach every exit's scores in ``val_step``/``test_step`` when a metric
+            reads them (``MultiExitAccuracy``); False: never.
+        early_exit: Early-exit inference for ``predict``/``'tensor'`` (the inferencer, ``tools/test.py``):
+            ``dict(policy='policy.json')`` (a file written by ``ExitPolicy.save``) or
+            ``dict(thresholds=[...], criterion='max_prob')``; each sample is answered by the first exit
+            whose confidence clears its threshold (see ``sd_plugin.deploy.EarlyExitModel``). Overrides
+            ``predict_exit``. None (default): no early exit.
         **options: The fields of :class:`sd_plugin.core.SelfDistillConfig`
             (``exit_indices``, ``temperature``, ``ce_weight``, ``kd_weight``,
             ``hint_weight``, ``deepest_weight``, ``exit_hidden_ratio``,
@@ -73,6 +81,9 @@ class SelfDistillClassifier(ImageClassifier):
         >>> custom_imports = dict(imports=['sd_plugin'], allow_failed_imports=False)
         >>> model = dict(type='SelfDistillClassifier')
     """
+
+    #: State-dict key prefixes of the exits (what ``sd_plugin.deploy.strip`` drops to give the plain model).
+    exit_state_prefixes: Tuple[str, ...] = ("exit_necks.", "exit_heads.", "distill_loss.")
 
     def __init__(
         self,
@@ -86,6 +97,7 @@ class SelfDistillClassifier(ImageClassifier):
         stage_modules: Optional[Sequence[str]] = None,
         probe_size: Optional[Union[int, Sequence[int]]] = None,
         eval_exits: bool = True,
+        early_exit: Optional[dict] = None,
         **options: Any,
     ) -> None:
         known = SelfDistillConfig.option_names()
@@ -94,8 +106,8 @@ class SelfDistillClassifier(ImageClassifier):
             raise TypeError(
                 f"SelfDistillClassifier got unexpected options {unknown}. It takes an ImageClassifier config "
                 "(backbone, neck, head, train_cfg, data_preprocessor) plus the self-distillation options "
-                f"{list(known)}, stage_modules, probe_size and eval_exits. Self-supervised algorithm configs "
-                "(MoCo, SimCLR, BYOL, MAE, ...) are not supported: use a supervised classification config."
+                f"{list(known)}, stage_modules, probe_size, eval_exits and early_exit. Self-supervised algorithm "
+                "configs (MoCo, SimCLR, BYOL, MAE, ...) are not supported: use a supervised classification config."
             )
         self.sd_config = SelfDistillConfig(**options)
         head_cfg = head
@@ -118,6 +130,7 @@ class SelfDistillClassifier(ImageClassifier):
             SelfDistillExitNeck(p.channels, width, p.fmt, p.stride, self.sd_config.exit_hidden_ratio) for p in points
         )
         self.exit_heads = nn.ModuleList(build_exit_head(head_cfg, width) for _ in points)  # type: ignore[arg-type]
+        self._early_exit = parse_early_exit(early_exit, self.num_exits)
         self._check_exit_heads(width)
         self.register_load_state_dict_post_hook(_log_fresh_exits)
         p = self.sd_config.predict_exit
@@ -269,7 +282,9 @@ class SelfDistillClassifier(ImageClassifier):
         return self.forward_exit(k, got[0])
 
     def _selected_logits(self, inputs: torch.Tensor) -> Optional[torch.Tensor]:
-        """Logits chosen by ``predict_exit`` when it is not the deepest classifier, else None."""
+        """Logits chosen by ``early_exit`` or ``predict_exit`` when it is not the deepest classifier, else None."""
+        if self._early_exit is not None:
+            return early_exit_logits(self, inputs, self._early_exit)[0]
         p = self.sd_config.predict_exit
         if isinstance(p, int) and p <= self.num_exits:
             return self._exit_only(inputs, p - 1)
@@ -315,7 +330,7 @@ class SelfDistillClassifier(ImageClassifier):
 
     @contextlib.contextmanager
     def _exit_scores_on(self) -> Iterator[None]:
-        self._attach_exit_scores = self.eval_exits
+        self._attach_exit_scores = self.eval_exits and exit_scores_requested()
         try:
             yield
         finally:

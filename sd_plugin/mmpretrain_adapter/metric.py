@@ -9,6 +9,7 @@ from mmengine.evaluator import BaseMetric
 from mmpretrain.evaluation.metrics import Accuracy
 from mmpretrain.registry import METRICS
 
+from ._early_exit_infer import request_exit_scores
 from .classifier import EXIT_SCORES
 
 __all__ = ["MultiExitAccuracy"]
@@ -35,6 +36,8 @@ class MultiExitAccuracy(BaseMetric):
     """
 
     default_prefix: Optional[str] = "multi-exit"
+    #: Reads every exit's scores: while it lives, ``SelfDistillClassifier`` computes them in val/test steps.
+    requires_exit_scores = True
 
     def __init__(
         self,
@@ -47,6 +50,7 @@ class MultiExitAccuracy(BaseMetric):
         if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
             raise ValueError(f"topk must be a positive int or a sequence of them, got {topk!r}.")
         self.topk = ks
+        request_exit_scores(self)
 
     def process(self, data_batch: Any, data_samples: Sequence[dict]) -> None:
         """Keep every sample's per-exit scores and label."""

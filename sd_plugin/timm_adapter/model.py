@@ -92,6 +92,9 @@ class SelfDistillModel(nn.Module):
         input_size: (C, H, W) of the probe forward; ``None`` takes the model's own input size.
     """
 
+    #: State-dict key prefixes of the exits (what ``sd_plugin.deploy.strip`` drops to give the plain model).
+    exit_state_prefixes: Tuple[str, ...] = (_EXITS,)
+
     def __init__(
         self,
         model: nn.Module,

@@ -111,14 +111,14 @@ def check_truncation_and_early_exit(model: nn.Module, x: torch.Tensor) -> torch.
     num_exits = model.num_exits  # type: ignore[attr-defined]
     ref = collect_exit_logits(model, [(x, torch.zeros(n, dtype=torch.long))]).logits
     for k in range(num_exits + 1):
-        torch.testing.assert_close(truncate(model, k, x[:1])(x), ref[k], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(truncate(model, exit=k + 1, example_input=x[:1])(x), ref[k], rtol=1e-4, atol=1e-5)
     probs = ref[:-1].softmax(-1).max(-1).values
     thresholds = [float(p.quantile(0.5)) for p in probs]
     out = EarlyExitModel(model, thresholds).eval()(x)
     expected = torch.full((n,), num_exits)
     for k in reversed(range(num_exits)):
         expected = torch.where(probs[k] >= thresholds[k], k, expected)
-    assert torch.equal(out.exit_index, expected)
+    assert torch.equal(out.exit, expected + 1)
     torch.testing.assert_close(out.logits, ref[expected, torch.arange(n)], rtol=1e-4, atol=1e-5)
     remaining = [n - int((expected < k).sum()) for k in range(num_exits + 1)]
     assert out.samples_per_stage == remaining

@@ -79,7 +79,7 @@ def test_policy_file_round_trip_and_reuse(tmp_path):
     policy.save(tmp_path / "policy.json")
     loaded = ExitPolicy.load(tmp_path / "policy.json")
     assert loaded == policy
-    assert torch.equal(loaded.decide(data.logits), policy.decide(data.logits))
+    assert torch.equal(loaded.exits(data.logits), policy.exits(data.logits))
     with pytest.raises(ValueError, match="not an exit policy"):
         (tmp_path / "x.json").write_text("{}")
         ExitPolicy.load(tmp_path / "x.json")
@@ -92,4 +92,4 @@ def test_simulated_decisions_match_the_early_exit_model():
     data = collect_exit_logits(model, [(x, y)])
     policy = calibrate(data, max_drop=50.0)
     out = EarlyExitModel(model, policy).eval()(x)
-    assert torch.equal(out.exit_index, policy.decide(data.logits))
+    assert torch.equal(out.exit, policy.exits(data.logits))

@@ -15,7 +15,7 @@ def test_threshold_zero_answers_everything_at_first_exit():
     ref = all_exit_logits(model, x)
     model.reset_calls()
     out = EarlyExitModel(model, [0.0, 0.0]).eval()(x)
-    assert out.exit_index.tolist() == [0] * 5
+    assert out.exit.tolist() == [1] * 5
     torch.testing.assert_close(out.logits, ref[0])
     assert _stage_calls(model) == [[5], [], []]  # stages 2 and 3 never ran
     assert out.samples_per_stage == [5, 0, 0] and out.stages_run == 1
@@ -29,7 +29,7 @@ def test_unreachable_thresholds_give_deepest(thresholds):
     model.reset_calls()
     out = EarlyExitModel(model, thresholds).eval()(x)
     assert torch.equal(out.logits, ref)
-    assert out.exit_index.tolist() == [2] * 4
+    assert out.exit.tolist() == [3] * 4
     assert _stage_calls(model) == [[4], [4], [4]]
     assert out.samples_per_stage == [4, 4, 4]
 
@@ -51,7 +51,7 @@ def test_mixed_batch_each_sample_from_its_exit(criterion):
         else conf[:2] <= torch.tensor(thresholds)[:, None]
     )
     expected = torch.where(passes[0], 0, torch.where(passes[1], 1, 2))
-    assert torch.equal(out.exit_index, expected)
+    assert torch.equal(out.exit, expected + 1)
     assert 0 < int((expected == 0).sum()) < 12
     torch.testing.assert_close(out.logits, ref[expected, torch.arange(12)], rtol=1e-5, atol=1e-5)
     # Observed by the stages themselves: later stages see only the samples still unanswered.

@@ -14,7 +14,7 @@ def _params(module):
 def test_truncated_equals_exit_and_skips_later_stages(k):
     model, x = toy(), torch.randn(3, 3, 16, 16)
     ref = all_exit_logits(model, x)[k]
-    small = truncate(model, k, example_input=x[:1])
+    small = truncate(model, exit=k + 1, example_input=x[:1])
     small.model.reset_calls()
     torch.testing.assert_close(small(x), ref)
     stages = small.model.net.stages
@@ -28,24 +28,46 @@ def test_truncated_equals_exit_and_skips_later_stages(k):
 @torch.no_grad()
 def test_without_example_keeps_weights_but_still_stops():
     model, x = toy(), torch.randn(2, 3, 16, 16)
-    small = TruncatedModel(model, 0).eval()
+    small = TruncatedModel(model, exit=1).eval()
     small.model.reset_calls()
     torch.testing.assert_close(small(x), all_exit_logits(model, x)[0])
     assert [s.calls for s in small.model.net.stages] == [[2], [], []]
     assert _params(small) == _params(model)
 
 
-def test_bad_exit_index():
+def test_bad_exit():
     with pytest.raises(ValueError, match="out of range"):
-        TruncatedModel(toy(), 3)
+        TruncatedModel(toy(), exit=4)
+    with pytest.raises(ValueError, match="out of range"):
+        TruncatedModel(toy(), exit=0)
+    with pytest.raises(ValueError, match="not an exit name"):
+        TruncatedModel(toy(), exit="last")
     with pytest.raises(TypeError, match="int"):
-        TruncatedModel(toy(), 1.0)  # type: ignore[arg-type]
+        TruncatedModel(toy(), exit=1.0)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="give the exit"):
+        TruncatedModel(toy())
+
+
+@torch.no_grad()
+def test_exit_names_and_the_deprecated_0_based_index():
+    model, x = toy(), torch.randn(2, 3, 16, 16)
+    ref = all_exit_logits(model, x)
+    assert truncate(model, exit="deepest").exit == 3 and truncate(model, exit="exit2").exit_name == "exit2"
+    torch.testing.assert_close(truncate(model, exit="exit2")(x), ref[1])
+    with pytest.warns(DeprecationWarning, match="0-based"):
+        old = truncate(model, 1)  # README's 0.x spelling: 0-based index 1 is exit2
+    assert old.exit == 2
+    torch.testing.assert_close(old(x), ref[1])
+    with pytest.warns(DeprecationWarning, match="0-based"):
+        assert old.exit_index == 1
+    with pytest.warns(DeprecationWarning, match="0-based"):
+        assert TruncatedModel(model, exit_index=0).exit == 1
 
 
 def test_onnx_matches_pytorch(tmp_path):
     pytest.importorskip("onnxruntime")
     model, x = toy(), torch.randn(2, 3, 16, 16)
-    small = truncate(model, 1, example_input=x[:1])
+    small = truncate(model, exit=2, example_input=x[:1])
     path = export_onnx(small, x, tmp_path / "exit1.onnx")  # checks ONNX Runtime on x
     import onnxruntime as ort
 

@@ -1,0 +1,65 @@
+"""Exit numbers of the user-facing deploy API: the training log's ``exit1`` (shallowest) ... ``deepest``.
+
+Internally (``MultiExitModel.exit_points[k]``, ``forward_exit(k, ...)``) exits are 0-based; users see
+``exit = k + 1`` and the deepest classifier as ``num_exits + 1`` or ``'deepest'``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import List, Optional, Union
+
+__all__ = ["ExitRef", "exit_name", "exit_names", "resolve_exit", "warn_exit_index"]
+
+#: An exit as users name it: 1-based int (``num_exits + 1`` is the deepest), ``'exitN'`` or ``'deepest'``.
+ExitRef = Union[int, str]
+
+
+def exit_name(k: int, num_exits: int) -> str:
+    """The log's name of the 0-based exit ``k``: ``'exit{k+1}'``, or ``'deepest'`` for ``k == num_exits``."""
+    return "deepest" if k == num_exits else f"exit{k + 1}"
+
+
+def exit_names(num_exits: int) -> List[str]:
+    """``['exit1', ..., 'exitE', 'deepest']``."""
+    return [exit_name(k, num_exits) for k in range(num_exits + 1)]
+
+
+def resolve_exit(exit: ExitRef, num_exits: int, what: str = "exit") -> int:
+    """The 0-based index of a user-facing exit (1-based int, ``'exitN'`` or ``'deepest'``)."""
+    if isinstance(exit, str):
+        if exit == "deepest":
+            return num_exits
+        if exit.startswith("exit") and exit[4:].isdigit():
+            exit = int(exit[4:])
+        else:
+            raise ValueError(f"{what} {exit!r} is not an exit name: use 'exit1' ... 'exit{num_exits}' or 'deepest'.")
+    if isinstance(exit, bool) or not isinstance(exit, int):
+        raise TypeError(f"{what} must be an int (1-based) or a name like 'exit1' / 'deepest', got {exit!r}.")
+    if not 1 <= exit <= num_exits + 1:
+        raise ValueError(
+            f"{what} {exit} is out of range: this model has exits 1..{num_exits} and {num_exits + 1} "
+            "(or 'deepest') for the deepest classifier."
+        )
+    return exit - 1
+
+
+def warn_exit_index(old: str, new: str, stacklevel: int = 3) -> None:
+    """DeprecationWarning for the 0-based ``exit_index`` spelling."""
+    warnings.warn(
+        f"{old} is 0-based and deprecated; use {new} (1-based like the training log's exit1 ... deepest).",
+        DeprecationWarning,
+        stacklevel=stacklevel,
+    )
+
+
+def from_index(exit_index: Optional[int], num_exits: int) -> int:
+    """Validate a deprecated 0-based ``exit_index`` and return it."""
+    if isinstance(exit_index, bool) or not isinstance(exit_index, int):
+        raise TypeError(f"exit_index must be an int, got {exit_index!r}.")
+    if not 0 <= exit_index <= num_exits:
+        raise ValueError(
+            f"exit_index {exit_index} is out of range: this model has exits 0..{num_exits - 1} and "
+            f"{num_exits} for the deepest classifier (0-based; prefer exit=1..{num_exits + 1})."
+        )
+    return exit_index
