@@ -45,11 +45,13 @@ def _setup_frameworks() -> None:
         from ._safe_globals import install_scoped_mmengine_loader
 
         install_scoped_mmengine_loader()
+        importlib.import_module("sd_plugin._mmengine_backend")  # registers the 'sd_atomic_local' file backend
         # Lets configs say `_base_ = ['sd_plugin::<folder>/<config>.py']` once sd_plugin is imported.
         MODULE2PACKAGE.setdefault("sd_plugin", "sd-plugin")
     if importlib.util.find_spec("mmpretrain") is not None:
         importlib.import_module("sd_plugin.mmpretrain_adapter")
         importlib.import_module("sd_plugin._amp")  # registers CPUAutocastOptimWrapper
+        importlib.import_module("sd_plugin.mmpretrain_adapter.rng_state_hook")  # registers RNGStateHook
 
 
 _setup_frameworks()

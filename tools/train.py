@@ -11,6 +11,13 @@ What it adds:
   (``CPUAutocastOptimWrapper``; mmengine's ``AmpOptimWrapper`` needs a GPU).
 - Data loaders with ``num_workers=0`` get ``persistent_workers=False`` (PyTorch
   refuses persistent workers without workers; MMPretrain's script forces True).
+- Exact resume: ``RNGStateHook`` is added (``--no-rng-state-hook`` leaves it out), so a
+  resumed run repeats the uninterrupted one bitwise, shuffling and augmentation included.
+- Crash-safe checkpoints: the ``CheckpointHook`` writes through the ``'sd_atomic_local'``
+  file backend (temporary file, then rename) unless the config names a backend; ``--resume``
+  refuses a damaged checkpoint with a message naming it and the newest intact one.
+- Clean exit: data-loader workers are stopped and the process group is destroyed on
+  success, on error and on SIGTERM, so a finished DDP run exits with code 0.
 
 Example:
     python tools/train.py configs/resnet18_sd_cifar10.py --work-dir work_dirs/r18
@@ -20,12 +27,15 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import os.path as osp
+import signal
 from copy import deepcopy
-from typing import List, Optional, Sequence
+from typing import Any, Iterator, List, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 from mmengine.config import Config, ConfigDict, DictAction
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
@@ -34,6 +44,8 @@ import sd_plugin  # noqa: F401  (registers SelfDistillClassifier & co., safe glo
 import sd_plugin._amp  # noqa: F401  (registers CPUAutocastOptimWrapper)
 from sd_plugin._dist import prepare_mmengine_cpu_ddp
 from sd_plugin._io import check_checkpoint_file
+from sd_plugin._mmengine_backend import ATOMIC_BACKEND
+from sd_plugin.mmpretrain_adapter.rng_state_hook import RNGStateHook
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -64,6 +76,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         nargs="+",
         action=DictAction,
         help="override config settings, key=value (e.g. train_cfg.max_iters=100)",
+    )
+    parser.add_argument(
+        "--no-rng-state-hook",
+        action="store_true",
+        help="leave out RNGStateHook (then resume is exact only without random augmentation and shuffling)",
     )
     parser.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none", help="job launcher")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=0)
@@ -132,8 +149,40 @@ def merge_args(cfg: Config, args: argparse.Namespace) -> Config:
         _dataloader_defaults(cfg, field, args)
     if args.cfg_options is not None:
         cfg.merge_from_dict(args.cfg_options)
+    if not args.no_rng_state_hook:
+        _add_rng_state_hook(cfg)
+    _atomic_checkpoints(cfg)
     _check_final(cfg)
+    if args.resume == "auto":
+        _check_latest_checkpoint(cfg.work_dir)
     return cfg
+
+
+def _add_rng_state_hook(cfg: Config) -> None:
+    hooks = list(cfg.get("custom_hooks", None) or [])
+    if not any(h.get("type") in ("RNGStateHook", RNGStateHook) for h in hooks):
+        hooks.append(dict(type="RNGStateHook"))
+    cfg.custom_hooks = hooks
+
+
+def _atomic_checkpoints(cfg: Config) -> None:
+    """Local checkpoints through the crash-safe backend, unless the config chose a backend or a remote out_dir."""
+    ckpt = cfg.get("default_hooks", {}).get("checkpoint", None)
+    if not ckpt or ckpt.get("backend_args") is not None or ckpt.get("file_client_args") is not None:
+        return
+    out_dir = ckpt.get("out_dir", None)
+    if out_dir is not None and "://" in str(out_dir):
+        return
+    ckpt["backend_args"] = dict(backend=ATOMIC_BACKEND)
+
+
+def _check_latest_checkpoint(work_dir: str) -> None:
+    """``--resume`` without a path: refuse a damaged latest checkpoint, naming it and the newest intact one."""
+    from mmengine.runner import find_latest_checkpoint
+
+    latest = find_latest_checkpoint(work_dir) if osp.isdir(work_dir) else None
+    if latest:
+        check_checkpoint_file(latest, "--resume: the latest checkpoint")
 
 
 def _check_final(cfg: Config) -> None:
@@ -157,13 +206,54 @@ def build_runner(cfg: Config) -> Runner:
     return RUNNERS.build(cfg)
 
 
+@contextlib.contextmanager
+def clean_shutdown() -> Iterator[List[Any]]:
+    """Stop data-loader workers and destroy the process group when the block ends, however it ends.
+
+    SIGTERM (what torchrun and schedulers send) becomes ``SystemExit(143)`` so the
+    same clean-up runs. Without it, the interpreter tears the gloo process group
+    down during its own shutdown, which can abort rank 0 after a finished run.
+    Yields a list; put the runner in it so its loaders' workers are stopped.
+    """
+    holder: List[Any] = []
+
+    def _terminate(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    ok = False
+    try:
+        yield holder
+        ok = True
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        for runner in holder:
+            _stop_loader_workers(runner)
+        if dist.is_available() and dist.is_initialized():
+            if ok:
+                dist.barrier()  # every rank has finished before any rank tears the group down
+            dist.destroy_process_group()
+
+
+def _stop_loader_workers(runner: Runner) -> None:
+    for name in ("_train_loop", "_val_loop", "_test_loop"):
+        loader = getattr(getattr(runner, name, None), "dataloader", None)
+        iterator = getattr(loader, "_iterator", None)
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+            loader._iterator = None  # type: ignore[union-attr]
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     args = parse_args(argv)
     if not osp.isfile(args.config):
         raise ValueError(f"config file {args.config!r} does not exist; give the path of an MMPretrain config (.py).")
     cfg = merge_args(Config.fromfile(args.config), args)
-    runner = build_runner(cfg)
-    runner.train()
+    with clean_shutdown() as holder:
+        runner = build_runner(cfg)
+        holder.append(runner)
+        runner.train()
 
 
 if __name__ == "__main__":

@@ -166,16 +166,61 @@ class SimulatedCrash(RuntimeError):
 
 @HOOKS.register_module()
 class CrashHook(Hook):
-    """Kills training right after iteration ``after`` (after the checkpoint hook has run), like a crash."""
+    """Kills training right after iteration ``after`` (or epoch ``after_epoch``), after the checkpoint hook ran."""
 
     priority = "LOWEST"
 
-    def __init__(self, after: int) -> None:
+    def __init__(self, after: int = 0, after_epoch: int = 0) -> None:
         self.after = after
+        self.after_epoch = after_epoch
 
     def after_train_iter(self, runner: Any, batch_idx: int, data_batch: Any = None, outputs: Any = None) -> None:
         if runner.iter + 1 == self.after:
             raise SimulatedCrash(f"simulated crash after iteration {self.after}")
+
+    def after_train_epoch(self, runner: Any) -> None:
+        if runner.epoch + 1 == self.after_epoch:
+            raise SimulatedCrash(f"simulated crash after epoch {self.after_epoch}")
+
+
+def augmented_epoch_config(
+    data_root: Path,
+    work_dir: Path,
+    model: Dict[str, Any],
+    max_epochs: int = 2,
+    num_workers: int = 2,
+    crash_after_epoch: int = 0,
+    batch_size: int = 4,
+) -> Dict[str, Any]:
+    """Epoch-based training as users run it: shuffled sampler, RandomCrop + RandomFlip, workers, validation.
+
+    Persistent workers are left to ``tools/train.py`` (MMPretrain's rule: on when ``num_workers > 0``).
+    """
+    cfg = mm_config(data_root, work_dir, model=model, batch_size=batch_size)
+    pipeline = [
+        dict(type="LoadImageFromFile"),
+        dict(type="RandomCrop", crop_size=32, padding=4),
+        dict(type="RandomFlip", prob=0.5, direction="horizontal"),
+        dict(type="PackInputs"),
+    ]
+    loader = cfg["train_dataloader"]
+    del loader["persistent_workers"]
+    loader.update(num_workers=num_workers, sampler=dict(type="DefaultSampler", shuffle=True))
+    loader["dataset"]["pipeline"] = pipeline
+    val = dict(loader, sampler=dict(type="DefaultSampler", shuffle=False))
+    val["dataset"] = dict(loader["dataset"], pipeline=[dict(type="LoadImageFromFile"), dict(type="PackInputs")])
+    cfg.update(
+        train_dataloader=loader,
+        val_dataloader=val,
+        val_evaluator=dict(type="Accuracy"),
+        val_cfg=dict(),
+        train_cfg=dict(by_epoch=True, max_epochs=max_epochs, val_interval=1),
+        param_scheduler=[dict(type="MultiStepLR", by_epoch=True, milestones=[max_epochs - 1], gamma=0.1)],
+    )
+    cfg["default_hooks"]["checkpoint"] = dict(type="CheckpointHook", interval=1, by_epoch=True)
+    if crash_after_epoch:
+        cfg["custom_hooks"] = cfg["custom_hooks"] + [dict(type="CrashHook", after_epoch=crash_after_epoch)]
+    return cfg
 
 
 @DATA_SAMPLERS.register_module()
