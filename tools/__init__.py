@@ -1,0 +1,1 @@
+"""Command-line tools of sd_plugin (training, benchmarks, coverage, analysis); ``_``-modules are their machinery."""
