@@ -122,44 +122,61 @@ def atomic_save(obj: Any, path: PathLike, save_fn: Callable[[Any, IO[bytes]], No
 
 
 def _problem(p: Path) -> Optional[str]:
-    """Why ``p`` is not a complete checkpoint file (None when it looks complete). Cheap: reads no tensors."""
+    """Why ``p`` is not a complete, intact checkpoint file (None when it is). Reads the file once (CRC-32)."""
     if not p.is_file():
         return "no such checkpoint file"
     with open(p, "rb") as f:
         head = f.read(4)
     if not head:
         return "is empty (0 bytes): it was never written completely"
-    if head == b"PK\x03\x04" and not zipfile.is_zipfile(p):
+    if head != b"PK\x03\x04":
+        return None  # torch's legacy (non-zip) format: nothing to check cheaply
+    if not zipfile.is_zipfile(p):
         return "is truncated (a zip archive without its end): it was cut short while being written"
+    try:
+        with zipfile.ZipFile(p) as archive:
+            bad = archive.testzip()  # CRC-32 of every record: torch itself does not check them
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+        return f"is damaged (unreadable zip archive: {err})"
+    if bad is not None:
+        return f"is damaged (the record {bad!r} fails its CRC check: the bytes changed after it was written)"
     return None
 
 
-def newest_intact_checkpoint(folder: PathLike, exclude: Optional[PathLike] = None) -> Optional[Path]:
-    """The most recently written ``*.pth`` in ``folder`` that is complete (temporary files skipped), or None."""
+def newest_intact_checkpoint(
+    folder: PathLike, exclude: Optional[PathLike] = None, pattern: str = "*.pth"
+) -> Optional[Path]:
+    """The most recently written file matching ``pattern`` in ``folder`` that is intact (temp files skipped)."""
     skip = Path(exclude).resolve() if exclude is not None else None
     found = [
         p
-        for p in Path(folder).glob("*.pth")
-        if not p.name.startswith(".") and p.resolve() != skip and _problem(p) is None
+        for p in Path(folder).glob(pattern)
+        if not p.name.startswith(".")  # atomic writers' temporary files
+        and not p.stem.endswith("_stripped")  # SaveStrippedCheckpointHook's weights-only copies
+        and p.resolve() != skip
+        and _problem(p) is None
     ]
     return max(found, key=lambda p: (p.stat().st_mtime_ns, p.name)) if found else None
 
 
-def _fallback_hint(p: Path) -> str:
-    good = newest_intact_checkpoint(p.parent, exclude=p)
+def _fallback_hint(p: Path, pattern: str) -> str:
+    good = newest_intact_checkpoint(p.parent, exclude=p, pattern=pattern)
     if good is None:
         return f"There is no other intact checkpoint in {str(p.parent)!r}."
     return f"The newest intact checkpoint next to it is {str(good)!r}: resume from it with --resume {good}."
 
 
-def explain_unreadable_checkpoint(path: PathLike, err: BaseException, option: str = "checkpoint") -> ValueError:
+def explain_unreadable_checkpoint(
+    path: PathLike, err: BaseException, option: str = "checkpoint", pattern: str = "*.pth"
+) -> ValueError:
     """A ValueError for a checkpoint torch could not read: names the file, the cause and the last good one."""
     p = Path(path)
-    cause = _problem(p) or f"cannot be read ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
-    return ValueError(f"{option} {str(p)!r} {cause}; it is damaged (cut short or corrupt). {_fallback_hint(p)}")
+    first_line = str(err).splitlines()[0] if str(err) else ""
+    cause = _problem(p) or f"is damaged: torch cannot read it ({type(err).__name__}: {first_line})"
+    return ValueError(f"{option} {str(p)!r} {cause}. {_fallback_hint(p, pattern)}")
 
 
-def check_checkpoint_file(path: PathLike, option: str = "checkpoint") -> None:
+def check_checkpoint_file(path: PathLike, option: str = "checkpoint", pattern: str = "*.pth") -> None:
     """Raise ValueError when ``path`` is not an existing, complete checkpoint file.
 
     A file cut short (a crash while a non-atomic writer was saving it) still
@@ -171,6 +188,7 @@ def check_checkpoint_file(path: PathLike, option: str = "checkpoint") -> None:
     Args:
         path: The checkpoint file.
         option: How the user gave it (e.g. ``'--resume'``), for the message.
+        pattern: Which files next to it are checkpoints of the same kind (for the fallback it names).
     """
     p = Path(path)
     problem = _problem(p)
@@ -178,4 +196,4 @@ def check_checkpoint_file(path: PathLike, option: str = "checkpoint") -> None:
         return
     if not p.is_file():
         raise ValueError(f"{option} {str(p)!r}: no such checkpoint file.")
-    raise ValueError(f"{option} {str(p)!r} {problem}. Use the checkpoint before it. {_fallback_hint(p)}")
+    raise ValueError(f"{option} {str(p)!r} {problem}. Use the checkpoint before it. {_fallback_hint(p, pattern)}")

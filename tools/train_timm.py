@@ -134,7 +134,7 @@ RESUME_KEYS = ("state_dict", "optimizer", "scheduler", "epoch")
 
 def _load_resume_checkpoint(path: str) -> Dict[str, Any]:
     """The checkpoint-last.pth of an earlier run, or a ValueError that says what the file is instead."""
-    check_checkpoint_file(path, "--resume")
+    check_checkpoint_file(path, "--resume", pattern="checkpoint-*.pth")
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     missing = [k for k in RESUME_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:

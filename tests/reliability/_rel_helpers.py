@@ -250,3 +250,36 @@ class InterleavedSampler(Sampler):
 
     def set_epoch(self, epoch: int) -> None:
         pass
+
+
+def stall_on_next_big_write(limit_bytes: int, marker: Path) -> None:
+    """Make the next write past ``limit_bytes`` in any file stop the process half-way, for a test to SIGKILL it.
+
+    ``RLIMIT_FSIZE`` makes the kernel refuse the write that crosses the limit (the file keeps its first
+    ``limit_bytes`` bytes) and send SIGXFSZ; the handler creates ``marker`` and sleeps, so the process sits in
+    the middle of its save until the test kills it with SIGKILL. Independent of how the writer writes.
+    """
+    import resource
+    import signal
+    import time
+
+    def stall(signum: int, frame: Any) -> None:
+        marker.touch()
+        time.sleep(600)
+
+    signal.signal(signal.SIGXFSZ, stall)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+
+@HOOKS.register_module()
+class StallDuringSaveHook(Hook):
+    """At the checkpoint after iteration ``at_iter``, stall the save half-way (see :func:`stall_on_next_big_write`)."""
+
+    def __init__(self, at_iter: int, marker: str) -> None:
+        self.at_iter = at_iter
+        self.marker = Path(marker)
+
+    def before_save_checkpoint(self, runner: Any, checkpoint: Dict[str, Any]) -> None:
+        if runner.iter + 1 == self.at_iter:  # the CheckpointHook saves before the counter moves on
+            previous = max(Path(runner.work_dir).glob("iter_*.pth"), key=lambda p: p.stat().st_mtime_ns)
+            stall_on_next_big_write(previous.stat().st_size // 2, self.marker)
