@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Subset
 
+from sd_plugin._io import atomic_write, atomic_write_path
 from sd_plugin.deploy import (
     EarlyExitModel,
     ExitLogits,
@@ -270,7 +271,8 @@ def plot(report: Dict[str, Any], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_write_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
 
 
@@ -301,9 +303,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = args.name or f"analyze_{name}"
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
     md = markdown(report)
-    (out / f"{stem}.md").write_text(md)
+    for suffix, text in ((".json", json.dumps(report, indent=1) + "\n"), (".md", md)):
+        with atomic_write(out / f"{stem}{suffix}", "w") as f:
+            f.write(text)
     plot(report, out / f"{stem}.png")
     print(md)
     print(f"wrote {out / stem}.json, .md, .png")

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .._io import atomic_write_path
+
 __all__ = ["export_onnx", "check_onnx"]
 
 
@@ -46,12 +48,12 @@ def export_onnx(
         raise ValueError("export the model in eval mode: call model.eval() first.")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), atomic_write_path(path) as tmp:
         warnings.simplefilter("ignore")
         torch.onnx.export(
             model,
             (example_input,),
-            str(path),
+            str(tmp),
             input_names=["images"],
             output_names=["logits"],
             dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None,

@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 
+from .._io import atomic_write
 from ._numbering import warn_exit_index
 
 __all__ = ["CRITERIA", "ExitPolicy", "confidence_scores", "exit_decisions", "thresholds_to_scores"]
@@ -140,7 +141,9 @@ class ExitPolicy:
 
     def save(self, path: Union[str, Path]) -> None:
         """Write the policy as JSON."""
-        Path(path).write_text(json.dumps(asdict(self), indent=2, allow_nan=False) + "\n")
+        text = json.dumps(asdict(self), indent=2, allow_nan=False) + "\n"
+        with atomic_write(path, "w") as f:
+            f.write(text)
 
     @classmethod
     def load(cls, path: Union[str, Path]) -> ExitPolicy:
