@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import random
+import signal
 import sys
 import time
 from typing import Any, Dict, List, Optional, Tuple
@@ -145,7 +146,44 @@ def _load_resume_checkpoint(path: str) -> Dict[str, Any]:
     return ckpt
 
 
+def wrap_ddp(net: torch.nn.Module, info: Any) -> DistributedDataParallel:
+    """The tool's DDP wrapper (torch's defaults: ``broadcast_buffers=True``, no ``find_unused_parameters``).
+
+    Validation runs on rank 0 alone, over the whole validation set: DDP keeps the parameters identical on every
+    rank and, with ``broadcast_buffers=True``, every forward starts from rank 0's BatchNorm buffers, so rank 0
+    holds the model all ranks train; sharding validation would give the same numbers, only sooner.
+    """
+    return DistributedDataParallel(net, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+
+
+def average_over_ranks(stats: Dict[str, Any], info: Any) -> Dict[str, Any]:
+    """Epoch loss and loss terms averaged over the ranks (each rank trains on its own shard), per-rank losses kept."""
+    if not info.distributed:
+        return stats
+    names = sorted(stats["terms"])
+    local = torch.tensor([stats["loss"], *(stats["terms"][k] for k in names)], dtype=torch.float64)
+    gathered = [torch.zeros_like(local) for _ in range(info.world_size)]
+    dist.all_gather(gathered, local)
+    mean = torch.stack(gathered).mean(dim=0).tolist()
+    return dict(stats, loss=mean[0], terms=dict(zip(names, mean[1:])), loss_per_rank=[g[0].item() for g in gathered])
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run the tool; the process group is destroyed however the run ends (success, error, SIGTERM)."""
+
+    def _terminate(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _run(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     info = setup_distributed(args.device)
     torch.manual_seed(args.seed + info.rank)
@@ -192,9 +230,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         start_epoch, history = ckpt["epoch"], ckpt.get("history", [])
-    train_net: torch.nn.Module = net
-    if info.distributed:
-        train_net = DistributedDataParallel(net, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+    train_net: torch.nn.Module = wrap_ddp(net, info) if info.distributed else net
 
     if info.is_main and args.initial_checkpoint and not args.no_sd and not args.resume:
         print(
@@ -226,6 +262,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             not args.no_progress,
             f"epoch {epoch + 1}",
         )
+        stats = average_over_ranks(stats, info)
         scheduler.step(epoch + 1)
         if info.is_main:
             top1 = evaluate(net, val_loader, info, args.amp, with_exits=not args.no_sd)

@@ -1,10 +1,13 @@
 """DDP probe for the timm route: a wrapped timm model trained a few steps by torch DDP (gloo, CPU).
 
-Run under ``torchrun --nproc_per_node=2`` it trains with DDP (no ``find_unused_parameters``), each rank on
+Run under ``torchrun --nproc_per_node=2`` it trains with the DDP wrapper of ``tools/train_timm.py``
+(``wrap_ddp``: torch's defaults, so ``broadcast_buffers=True`` and no ``find_unused_parameters``), each rank on
 its half of a fixed global batch. Run with ``--reference`` as one process it does the same optimisation with
 gradient accumulation over the two halves (loss / 2 each), which is exactly what DDP's gradient averaging
-computes, BatchNorm included: in both runs BN normalises each half with that half's statistics. Writes the
-final parameters and the per-step losses to ``OUT/rank{r}.pt`` (``OUT/reference.pt``).
+computes, BatchNorm included: in both runs BN normalises each half with that half's statistics. With
+``broadcast_buffers=True`` every forward starts from rank 0's BN buffers, so rank 0's running statistics see
+only rank 0's halves; the reference reproduces that by restoring the buffers after the second half. Writes the
+final parameters, buffers and per-step losses to ``OUT/rank{r}.pt`` (``OUT/reference.pt``).
 """
 
 from __future__ import annotations
@@ -12,12 +15,13 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Dict, List
 
 import timm
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
+from _rel_run import load_tool
 
 import sd_plugin
 
@@ -59,16 +63,22 @@ def main() -> None:
             step = []
             for r in range(WORLD):
                 part = halves(batch, r)
+                if r == 1:
+                    rank0_buffers = {k: v.clone() for k, v in model.named_buffers()}
                 loss = criterion(model(part["x"]), part["y"])
                 (loss / WORLD).backward()
                 step.append(loss.item())
+            with torch.no_grad():  # rank 0's buffers are the ones DDP broadcasts at the next forward
+                for k, v in model.named_buffers():
+                    v.copy_(rank0_buffers[k])
             opt.step()
             losses.append(step)
         name = "reference"
     else:
         dist.init_process_group("gloo")
         rank = dist.get_rank()
-        ddp = DistributedDataParallel(model, broadcast_buffers=False)
+        ddp = load_tool("train_timm").wrap_ddp(model, SimpleNamespace(device=torch.device("cpu")))
+        assert ddp.broadcast_buffers and not ddp.find_unused_parameters
         opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
         for batch in global_batches():
             part = halves(batch, rank)
@@ -80,7 +90,8 @@ def main() -> None:
         name = f"rank{rank}"
         dist.destroy_process_group()
     params = {k: v.detach().clone() for k, v in model.named_parameters()}
-    torch.save({"params": params, "losses": losses}, Path(args.out) / f"{name}.pt")
+    buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
+    torch.save({"params": params, "buffers": buffers, "losses": losses}, Path(args.out) / f"{name}.pt")
 
 
 if __name__ == "__main__":

@@ -120,14 +120,18 @@ def test_torchrun_ddp_on_cpu_with_amp(tmp_path, data_root):
     assert "world size 2" in proc.stdout
     (epoch,) = _summary(tmp_path / "ddp")
     assert epoch["steps"] == 16 // (2 * 4) and math.isfinite(epoch["loss"])
+    per_rank = epoch["loss_per_rank"]  # the reported loss is the mean over the ranks' shards, not rank 0's
+    assert len(per_rank) == 2 and per_rank[0] != per_rank[1]
+    assert epoch["loss"] == pytest.approx(sum(per_rank) / 2, rel=1e-12)
 
 
 @pytest.mark.slow
 def test_ddp_of_a_wrapped_model_equals_accumulation_over_the_same_halves(tmp_path):
-    """torch DDP (gloo, 2 ranks, no find_unused_parameters) vs one process accumulating the two halves.
+    """The tool's DDP wrapper (gloo, 2 ranks, broadcast_buffers=True) vs one process accumulating the two halves.
 
     ``_rel_ddp_timm.py``: 3 SGD steps of ``sd_plugin.wrap(test_resnet)``. BatchNorm sees each half's statistics in
-    both runs, so parameters and per-half losses must agree (tolerance 1e-6; on CPU they are bitwise equal).
+    both runs, so parameters and per-half losses must agree (tolerance 1e-6; on CPU they are bitwise equal); rank
+    0's BN buffers equal the reference's rank-0-only running statistics.
     """
     script = "tests/reliability/_rel_ddp_timm.py"
     torchrun(script, str(tmp_path))
@@ -135,6 +139,8 @@ def test_ddp_of_a_wrapped_model_equals_accumulation_over_the_same_halves(tmp_pat
     rank0, rank1, ref = (torch.load(tmp_path / f"{n}.pt", weights_only=True) for n in ("rank0", "rank1", "reference"))
     assert max_abs_diff(rank0["params"], rank1["params"]) == 0.0
     assert max_abs_diff(rank0["params"], ref["params"]) < 1e-6
+    assert rank0["buffers"].keys() == ref["buffers"].keys() and len(ref["buffers"]) > 0
+    assert max_abs_diff(rank0["buffers"], ref["buffers"]) < 1e-6
     assert any(k.startswith("sd_exits.") for k in ref["params"])
     per_rank = [v for a, b in zip(rank0["losses"], rank1["losses"]) for v in (a[0], b[0])]
     assert per_rank == pytest.approx([v for step in ref["losses"] for v in step], rel=1e-6)
