@@ -1,18 +1,20 @@
-"""Does self-distillation pay, and what does it cost? Plain model vs the same model with self-distillation.
+"""Does self-distillation pay against what users would pick instead, and what does it cost?
 
-Both arms share everything but self-distillation: data subset, recipe, epochs
-and seed. For every seed the tool trains both arms on CIFAR-10 (ImageFolder
-layout), reads the per-exit top-1 of the last epoch, and measures the cost side
-by side (FLOPs ratio of the exits, interleaved training-step time, peak
-training memory in fresh processes, inference latency with the exits unused).
-It prints one Results table and saves it as JSON and Markdown next to a PNG.
+Every arm (``--arms ce ls byot byot+ls pskd cskd tfkd ...``, see
+``tools/bench/arms.py``) shares everything but its training method: data
+subset, recipe, epochs and seeds. For every seed the tool trains every arm on
+CIFAR-10 (ImageFolder layout) and reads the top-1 of the last epoch (per exit,
+deepest, ensemble); then it measures every arm's cost against plain
+cross-entropy (``ce``) in one process: training-step time with all arms
+interleaved on the same batches, peak training memory in fresh processes, and
+the FLOPs of the training forward. It prints the Results tables and saves them
+as JSON and Markdown next to a PNG.
 
-Examples::
+Examples (from the repository root)::
 
-    # the reported CPU recipe (MMPretrain route)
-    python tools/benchmark.py --route mmpretrain --seeds 0 1 --epochs 15 --train-images 10000
-    # smoke run: a few hundred images, one epoch, a tiny model
-    python tools/benchmark.py --route timm --quick --out-dir /tmp/bench --figure-dir /tmp/bench
+    python -m tools.benchmark --arms ce ls byot byot+ls pskd cskd tfkd --seeds 0 1 --epochs 6 --train-images 8000
+    python -m tools.benchmark --route timm --arms ce byot     # the timm route (sd_plugin.wrap + SelfDistillLoss)
+    python -m tools.benchmark --quick --arms ce byot pskd     # smoke run: a few hundred images, one epoch
 """
 
 from __future__ import annotations
@@ -33,15 +35,14 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _bench_cost import exit_flops, interleaved_times, probe_peak_memory, summarise_pairs  # noqa: E402
-from _bench_data import DEFAULT_DATA_ROOT, DataSplits, write_subsets  # noqa: E402
-from _bench_profile import render_breakdown, step_breakdown  # noqa: E402
-from _bench_report import accuracy_rows, plot, render_markdown, save_json  # noqa: E402
+from tools.bench.arms import BASELINE_ARM, parse_arms
+from tools.bench.cost import TrainArm, exit_flops, flops_of, interleaved_times, probe_peak_memory
+from tools.bench.data import DEFAULT_DATA_ROOT, DataSplits, write_subsets
+from tools.bench.profile import render_breakdown, step_breakdown
+from tools.bench.report import arm_results, plot, render_markdown, save_json
 
 REPO = Path(__file__).resolve().parent.parent
-ROUTES = {"mmpretrain": "_bench_mmpretrain", "timm": "_bench_timm"}
+ROUTES = {"mmpretrain": "tools.bench.mmpretrain_route", "timm": "tools.bench.timm_route"}
 QUICK = dict(train_images=320, test_images=200, val_images=100, epochs=1, width=8, batch_size=32, workers=0)
 
 
@@ -69,7 +70,14 @@ def _positive(value: str) -> int:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--route", choices=sorted(ROUTES), default="mmpretrain", help="framework of both arms")
+    p.add_argument("--route", choices=sorted(ROUTES), default="mmpretrain", help="framework of every arm")
+    p.add_argument(
+        "--arms",
+        nargs="+",
+        default=["ce", "byot"],
+        help="arms to compare, '+'-joined components of ce, ls, byot, byotv1, pskd, cskd, tfkd (default: ce byot); "
+        "ce is always measured, as the baseline",
+    )
     p.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT, help="CIFAR-10 with train/ and test/")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default 0 1; quick: 0)")
     p.add_argument("--epochs", type=_positive, default=15)
@@ -94,7 +102,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="self-distillation option of the sd arm (repeatable), e.g. exit_hidden_ratio=0.125",
+        help="self-distillation option of every arm with exits or a method (repeatable), e.g. exit_hidden_ratio=0.125",
     )
     p.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK}, fewer cost rounds")
     p.add_argument("--no-train", action="store_true", help="cost measurement only (no accuracy rows)")
@@ -123,6 +131,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if len(set(args.seeds)) != len(args.seeds):
         p.error(f"--seeds has duplicates: {args.seeds}.")
     args.sd_options = dict(args.sd_option)
+    try:
+        recipes = parse_arms(args.arms)
+    except ValueError as e:
+        p.error(str(e))
+    if BASELINE_ARM not in [r.name for r in recipes]:
+        recipes.insert(0, parse_arms([BASELINE_ARM])[0])
+    args.arms = [r.name for r in recipes]
     args.name = args.name or f"benchmark_{args.route}" + ("_quick" if args.quick else "")
     args.work_dir = args.work_dir or Path("/tmp/sd_plugin_bench") / args.name
     return args
@@ -143,8 +158,12 @@ def _spec(route: ModuleType, args: argparse.Namespace, splits: DataSplits, arm: 
 
 
 def train_all(route: ModuleType, args: argparse.Namespace, splits: DataSplits, partial: Path) -> List[Dict[str, Any]]:
-    """Train both arms for every seed, ``args.jobs`` at a time, each in a fresh process; progress to ``partial``."""
-    jobs = [(seed, arm) for seed in args.seeds for arm in ("plain", "sd")]
+    """Train every arm for every seed (seed by seed), ``args.jobs`` at a time, each in a fresh process.
+
+    Progress goes to ``partial`` after every finished run, so an interrupted
+    benchmark still leaves every finished arm's figures.
+    """
+    jobs = [(seed, arm) for seed in args.seeds for arm in args.arms]
     runs: List[Dict[str, Any]] = []
     ctx = mp.get_context("spawn")
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx, max_tasks_per_child=1) as pool:
@@ -159,65 +178,77 @@ def train_all(route: ModuleType, args: argparse.Namespace, splits: DataSplits, p
                 f"[benchmark] done: {arm} seed {seed}, {result['train_wall_s']:.0f} s, test {result['test']}",
                 flush=True,
             )
-            save_json(partial, {"runs": runs})
+            save_json(partial, {"arms": args.arms, "runs": runs})
     return runs
 
 
-def measure_cost(route: ModuleType, args: argparse.Namespace, splits: DataSplits) -> Dict[str, Any]:
-    """FLOPs ratio, interleaved step time, fresh-process peak memory and inference latency of both arms."""
+def _cost_batches(route: ModuleType, args: argparse.Namespace, splits: DataSplits) -> List[Any]:
+    """Training batches every arm is timed on; (sample, same-class partner) pairs when an arm uses CS-KD."""
     seed = args.seeds[0]
-    specs = {arm: _spec(route, args, splits, arm, seed) for arm in ("plain", "sd")}
-    batches = route.sample_batches(specs["plain"], 4)
-    arms = [route.build_arm(specs[a], a) for a in ("plain", "sd")]
-    x = route.flops_inputs(arms[0], batches[0])
+    pairs = [a for a in args.arms if "cskd" in a.split("+")]
+    source = pairs[0] if pairs else BASELINE_ARM
+    return route.sample_batches(_spec(route, args, splits, source, seed), 4)
+
+
+def _flops_ratio(route: ModuleType, base: TrainArm, arm: TrainArm, x: Any) -> float:
+    """Training-forward FLOPs of an arm (model and exits) over the plain model's."""
+    from sd_plugin.core import MultiExitModel
+
+    if isinstance(arm.model, MultiExitModel):
+        return float(exit_flops(base.model, route.plain_forward(base), arm.model, x)["flops_ratio"])
+    return flops_of(arm.model, route.plain_forward(arm), x) / flops_of(base.model, route.plain_forward(base), x)
+
+
+def measure_cost(route: ModuleType, args: argparse.Namespace, splits: DataSplits) -> Dict[str, Any]:
+    """Step time (all arms interleaved), fresh-process peak memory and FLOPs of every arm, as ratios vs CE."""
+    seed = args.seeds[0]
+    specs = {arm: _spec(route, args, splits, arm, seed) for arm in args.arms}
+    batches = _cost_batches(route, args, splits)
+    arms = [route.build_arm(specs[a], a) for a in args.arms]
+    base = arms[args.arms.index(BASELINE_ARM)]
+    x = route.flops_inputs(base, batches[0])
     print("[benchmark] FLOPs ...", flush=True)
-    flops = exit_flops(arms[0].model, route.plain_forward(arms[0]), arms[1].model, x)
-    print(f"[benchmark] training-step time ({args.step_rounds} interleaved rounds) ...", flush=True)
+    flops = {a.name: _flops_ratio(route, base, a, x) for a in arms}
+    exits = {
+        a.name: exit_flops(base.model, route.plain_forward(base), a.model, x)
+        for a in arms
+        if getattr(a.model, "num_exits", 0)
+    }
+    print(f"[benchmark] training-step time ({args.step_rounds} rounds, {len(arms)} arms interleaved) ...", flush=True)
     step = interleaved_times(arms, batches, rounds=args.step_rounds, warmup=args.warmup, mode="train")
     breakdown = None
     if args.profile:
-        print("[benchmark] step breakdown ...", flush=True)
-        breakdown = step_breakdown(arms, batches, rounds=args.step_rounds, warmup=args.warmup)
-    print("[benchmark] inference latency ...", flush=True)
-    infer = interleaved_times(arms, batches, rounds=2 * args.step_rounds, warmup=args.warmup, mode="infer")
-    # A/A: the plain model against a second copy of itself, the noise floor of the inference ratio.
-    twin = route.build_arm(specs["plain"], "plain")
-    twin.name = "twin"
-    infer_aa = interleaved_times(
-        [arms[0], twin], batches, rounds=2 * args.step_rounds, warmup=args.warmup, mode="infer"
-    )
-    del arms, twin
+        exit_arms = [a for a in arms if getattr(a.model, "num_exits", 0)]
+        if exit_arms:
+            print(f"[benchmark] step breakdown ({exit_arms[0].name} vs ce) ...", flush=True)
+            base.name, exit_arms[0].name, names = "plain", "sd", (base.name, exit_arms[0].name)
+            breakdown = step_breakdown([base, exit_arms[0]], batches, rounds=args.step_rounds, warmup=args.warmup)
+            base.name, exit_arms[0].name = names
+    del arms, base
     print(f"[benchmark] peak memory ({args.memory_repeats} fresh processes per arm) ...", flush=True)
-    mem: Dict[str, List[float]] = {"plain": [], "sd": []}
+    mem: Dict[str, List[float]] = {a: [] for a in args.arms}
     method = ""
     for _ in range(args.memory_repeats):
-        for arm in ("plain", "sd"):
+        for arm in args.arms:
             probe = probe_peak_memory(route.__name__, specs[arm], arm, num_batches=2, steps=3)
             mem[arm].append(probe["mib"])
             method = probe["method"]
-    plain_mib, sd_mib = statistics.median(mem["plain"]), statistics.median(mem["sd"])
-    batch_size = int(x.shape[0])
+    mem_med = {a: statistics.median(v) for a, v in mem.items()}
+    base_steps = step[BASELINE_ARM]
     return {
         "breakdown": breakdown,
-        "flops": flops,
+        "flops": {"ratio_vs_ce": flops, "exits": exits},
         "train_step": {
-            **summarise_pairs(step),
+            "ratio_vs_ce": {a: statistics.median(x / y for x, y in zip(t, base_steps)) for a, t in step.items()},
+            "median_s": {a: statistics.median(t) for a, t in step.items()},
             "rounds": args.step_rounds,
-            "batch_size": batch_size,
+            "batch_size": int(x.shape[0]),
             "raw_s": step,
-        },
-        "inference": {
-            **summarise_pairs(infer),
-            "aa_median_pair_ratio": summarise_pairs(infer_aa, num="twin")["median_pair_ratio"],
-            "rounds": 2 * args.step_rounds,
-            "batch_size": batch_size,
-            "raw_s": infer,
         },
         "peak_memory": {
             "method": f"fresh spawned process per probe, model build + 3 training steps: {method}",
-            "plain_mib": plain_mib,
-            "sd_mib": sd_mib,
-            "ratio": sd_mib / plain_mib,
+            "ratio_vs_ce": {a: v / mem_med[BASELINE_ARM] for a, v in mem_med.items()},
+            "median_mib": mem_med,
             "repeats": args.memory_repeats,
             "raw_mib": mem,
         },
@@ -225,10 +256,10 @@ def measure_cost(route: ModuleType, args: argparse.Namespace, splits: DataSplits
 
 
 def _recipe(args: argparse.Namespace, splits: DataSplits, route: ModuleType, wall_s: float) -> str:
-    cmd = "python tools/benchmark.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    sd = "BYOT defaults (exits after stages 1-3, T = 3, alpha = 0.3, lambda = 0.03)"
+    cmd = "python -m tools.benchmark " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    sd = "arms " + ", ".join(args.arms) + " (tools/bench/arms.py)"
     if args.sd_options:
-        sd += ", except " + ", ".join(f"{k}={v!r}" for k, v in args.sd_options.items())
+        sd += ", with " + ", ".join(f"{k}={v!r}" for k, v in args.sd_options.items())
     machine = (
         f"Machine: {platform.machine()} CPU, {_cpu_count()} cores (shared), torch threads {_threads()} per process, "
         f"{args.jobs} run(s) at a time. Wall time {wall_s / 60:.1f} min, "
@@ -245,7 +276,7 @@ def _recipe(args: argparse.Namespace, splits: DataSplits, route: ModuleType, wal
         f"{splits.num_val} of them each epoch); {args.epochs} epoch(s), "
         f"batch {args.batch_size}, SGD (momentum 0.9, nesterov, wd 5e-4, lr 0.1), "
         f"{'1 warm-up epoch and ' if args.epochs > 1 else ''}cosine decay; seeds {args.seeds}. "
-        f"Self-distillation: {sd}. Command: `{cmd}`. {machine}"
+        f"Arms: {sd}. Command: `{cmd}`. {machine}"
     )
 
 
@@ -289,17 +320,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "num_train": splits.num_train,
         "num_test": splits.num_test,
     }
-    acc = accuracy_rows(runs) if runs else {"seeds": [], "rows": []}
+    acc = arm_results(runs, args.arms) if runs else {"seeds": [], "arms": []}
     payload = {"meta": meta, "accuracy": acc, "cost": cost, "runs": runs}
     save_json(json_path, payload)
     table = render_markdown(acc, cost, meta)
     if cost is not None and cost["breakdown"] is not None:
-        table += "\nTraining-step breakdown (medians):\n\n" + render_breakdown(
-            cost["breakdown"], cost["flops"]["flops_ratio"]
+        byot = next(iter(cost["flops"]["exits"].values()))
+        table += "\nTraining-step breakdown (medians, first arm with exits vs ce):\n\n" + render_breakdown(
+            cost["breakdown"], byot["flops_ratio"]
         )
     md_path = args.out_dir / f"{args.name}.md"
     md_path.write_text(table)
-    if runs:
+    if acc["arms"]:
         plot(args.figure_dir / f"{args.name}.png", acc, runs, meta["title"])
     print(table)
     print(f"[benchmark] wrote {json_path}, {md_path}" + (f", {args.figure_dir / (args.name + '.png')}" if runs else ""))

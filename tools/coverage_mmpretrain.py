@@ -30,7 +30,8 @@ import time
 from collections import Counter, defaultdict
 from typing import Any, Dict, List, Optional
 
-from tools._coverage_mmp import check_config, enumerate_configs, family, input_size, model_cfg, test_key
+from tools._coverage_mmp import enumerate_configs, family, input_size, model_cfg, test_key
+from tools._coverage_mmp_check import check_config
 from tools._coverage_run import BROKEN, OK, cpu_count_note, failure_list, markdown_table, run_checks, summarize
 
 
@@ -68,7 +69,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             continue
         size = input_size(cfg)
         model = model_cfg(cfg)
-        key = test_key(model, size)
+        key = test_key(model, size, args.size)
         groups[key].append(rel)
         group_args[key] = (model, size, args.size, args.max_params)
     tasks = [(key, group_args[key], args.timeout) for key in _round_robin(groups)]
@@ -98,9 +99,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _round_robin(groups: Dict[str, List[str]]) -> List[str]:
-    """Keys ordered one family at a time in turn (smallest input first): a partial run covers every family."""
+    """Keys ordered one family at a time in turn: a partial run covers every family."""
     by_family: Dict[str, List[str]] = defaultdict(list)
-    for key in sorted(groups, key=lambda k: (json.loads(k)[1], groups[k][0])):
+    for key in sorted(groups, key=lambda k: groups[k][0]):
         by_family[family(groups[key][0])].append(key)
     queues = [by_family[f] for f in sorted(by_family)]
     return [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]

@@ -68,6 +68,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--sched", default="cosine")
     p.add_argument("--warmup-epochs", type=int, default=0)
     p.add_argument("--min-lr", type=float, default=0.0)
+    p.add_argument("--layer-decay", type=float, default=None, help="layer-wise lr decay (timm's; e.g. 0.65)")
+    p.add_argument("--grad-checkpointing", action="store_true", help="timm's gradient checkpointing")
     p.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (0: off)")
     p.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (0: off)")
     p.add_argument("--smoothing", type=float, default=0.0, help="label smoothing")
@@ -192,9 +194,12 @@ def _run(argv: Optional[List[str]] = None) -> int:
     probe, _ = build_dataset(args.data, args.train_split, transform=None, max_samples=0, seed=args.seed)
     num_classes = args.num_classes or len(probe.reader.class_to_idx)  # type: ignore[attr-defined]
     model = create_model(args, num_classes)
-    data_cfg = resolve_data_config(
-        dict(input_size=(3, args.img_size, args.img_size)) if args.img_size else {}, model=model
-    )
+    config = sd_config(args)
+    size = (3, args.img_size, args.img_size) if args.img_size else None
+    net: torch.nn.Module = model if args.no_sd else sd_plugin.SelfDistillModel(model, config, size)
+    if args.grad_checkpointing:
+        net.set_grad_checkpointing(True)  # type: ignore[operator]
+    data_cfg = resolve_data_config(dict(input_size=size) if size else {}, model=net)
     train_set, _ = build_dataset(
         args.data, args.train_split, create_transform(**data_cfg, is_training=True), args.max_train_samples, args.seed
     )
@@ -204,15 +209,18 @@ def _run(argv: Optional[List[str]] = None) -> int:
     train_loader = build_loader(train_set, args.batch_size, True, args.workers, info, args.seed)
     val_loader = build_loader(val_set, args.batch_size, False, args.workers, info, args.seed)
 
-    config = sd_config(args)
-    net: torch.nn.Module = model if args.no_sd else sd_plugin.SelfDistillModel(model, config, data_cfg["input_size"])
     net.to(info.device)
     if args.no_sd:
         criterion: Any = lambda out, y: soft_cross_entropy(out, y, args.smoothing if y.dim() == 1 else 0.0)  # noqa: E731
     else:
         criterion = sd_plugin.SelfDistillLoss(config, label_smoothing=args.smoothing)
     optimizer = create_optimizer_v2(
-        net, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum
+        net,
+        opt=args.opt,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        momentum=args.momentum,
+        layer_decay=args.layer_decay,
     )
     scheduler, num_epochs = create_scheduler_v2(
         optimizer, sched=args.sched, num_epochs=args.epochs, warmup_epochs=args.warmup_epochs, min_lr=args.min_lr

@@ -1,9 +1,13 @@
 """Options of self-distillation, shared by the timm and MMPretrain adapters.
 
 Defaults follow "Be Your Own Teacher" (Zhang et al., ICCV 2019, Sec. 3 and the
-authors' CIFAR-100 training code): temperature 3, KD weight alpha = 0.3 with the
-label cross-entropy weighted 1 - alpha = 0.7 on every shallow exit, feature hint
-weight lambda = 0.03, and the deepest classifier trained with plain cross-entropy.
+authors' CIFAR training code, github.com/ArchipLab-LinfengZhang/pytorch-self-distillation-final,
+``train.py``): temperature 3, KD weight alpha = 0.3 with the label cross-entropy
+weighted 1 - alpha = 0.7 on every shallow exit, and the deepest classifier
+trained with plain cross-entropy. The feature hint's form and weight are ours,
+chosen to reproduce BYOT's term at its batch size 128 (see ``hint_form``).
+The teacher-free methods (PS-KD, CS-KD, Tf-KD-reg) are off by default; each one
+composes with the exits or works alone (``exit_indices=[]``).
 """
 
 from __future__ import annotations
@@ -14,7 +18,10 @@ from typing import Any, Optional, Sequence, Tuple, Union
 
 PredictExit = Union[str, int]
 
-__all__ = ["SelfDistillConfig", "PredictExit", "default_stage_exits", "default_block_exits"]
+#: Reductions of the feature hint over the batch (see ``SelfDistillConfig.hint_form``).
+HINT_FORMS: Tuple[str, ...] = ("rms", "squared", "mean")
+
+__all__ = ["SelfDistillConfig", "PredictExit", "HINT_FORMS", "default_stage_exits", "default_block_exits"]
 
 
 def _check_weight(name: str, value: Any) -> None:
@@ -35,32 +42,70 @@ class SelfDistillConfig:
             backbones (ViT, DeiT, ...), indices of transformer blocks. ``None``
             places one exit after every stage but the last, or, for plain token
             backbones, after the blocks at 1/4, 2/4 and 3/4 of the depth.
-            Negative indices count from the end, as in Python.
+            Negative indices count from the end, as in Python. ``[]``: no exits,
+            for a teacher-free method alone (PS-KD, CS-KD, Tf-KD-reg).
         temperature: Softmax temperature T of the KD term (BYOT: 3.0).
         ce_weight: Weight of the label cross-entropy on every shallow exit
             (BYOT: 1 - alpha = 0.7).
         kd_weight: Weight of KL(teacher_T || exit_T), the deepest exit's softened
             prediction being the detached teacher (BYOT: alpha = 0.3).
-        hint_weight: Weight of the feature hint, the per-sample L2 distance between
-            an exit's pooled features and the deepest classifier's detached
-            features, averaged over the batch (BYOT: lambda = 0.03).
+        hint_weight: Weight of the feature hint between an exit's pooled features
+            and the deepest classifier's detached features (ours: 0.34 =
+            0.03 x sqrt(128), which with ``hint_form='rms'`` equals BYOT's
+            lambda = 0.03 times the L2 distance over the whole batch tensor at
+            the authors' batch size 128; the previous default was 0.03 with
+            ``hint_form='mean'``, ~11x weaker at batch 128).
+        hint_form: How the hint reduces the per-sample L2 distances ``d_n =
+            ||f_s(n) - f_t(n)||_2`` over the batch, all batch-size independent:
+            ``'rms'`` (default) ``sqrt(mean_n d_n**2)``, i.e. the whole-batch L2
+            distance divided by sqrt(N); ``'squared'`` ``mean_n d_n**2``, the
+            paper's squared L2 (BYOT Sec. 3.2) per sample; ``'mean'``
+            ``mean_n d_n`` (sd_plugin before 0.2). BYOT's released CIFAR code
+            has no hint term; this choice is ours.
         deepest_weight: Weight of the deepest classifier's own loss (BYOT: 1.0).
         exit_hidden_ratio: Width of an exit's bottleneck relative to its output
             width (BYOT: 1/4 in its "branchBottleNeck").
         predict_exit: What prediction returns: ``'deepest'`` (the unmodified
             model, no extra cost), ``'ensemble'`` (mean of all exits' softmax,
             BYOT Table 1's "ensemble"), or an int, the 1-based exit number
-            (``len(exit_indices) + 1`` is the deepest).
+            (``len(exit_indices) + 1`` is the deepest). The ensemble is the
+            softmax of the mean of all classifiers' logits, as BYOT's released
+            code computes it (``sum(outputs) / len(outputs)``).
+        pskd_alpha: PS-KD's final weight a_T of the past prediction in the
+            deepest classifier's target (Kim et al., ICCV 2021, authors: 0.8;
+            0 = off). Needs per-sample indices (MMPretrain: the data sample's
+            ``sample_idx``; timm: ``SelfDistillLoss(..., sample_index=...)``) and
+            the training progress (MMPretrain: ``custom_hooks=[dict(type=
+            'ProgressiveSelfKDHook')]``; timm: ``loss.set_progress(epoch / epochs)``).
+        cskd_weight: CS-KD's weight of the KL term between same-class pairs
+            (Yun et al., CVPR 2020, authors: 1.0; 0 = off). Needs the class-pair
+            sampler (MMPretrain: ``sampler=dict(type='ClassPairSampler')``;
+            timm: ``tools/train_timm.py --cs-kd``).
+        cskd_temperature: CS-KD's temperature (authors: 4).
+        tfkd_weight: Tf-KD-reg's weight alpha of the KL term to a hand-made
+            teacher, the label loss being weighted 1 - alpha (Yuan et al., CVPR
+            2020; ours: 0.1 when on, the authors tune it per data set; 0 = off).
+        tfkd_temperature: Tf-KD-reg's temperature of the hand-made teacher
+            (ours: 20, in the range of the authors' CIFAR settings).
+        tfkd_correct_prob: Tf-KD-reg's probability of the true class in the
+            hand-made teacher (authors' code: 0.99).
     """
 
     exit_indices: Optional[Sequence[int]] = None
     temperature: float = 3.0
     ce_weight: float = 0.7
     kd_weight: float = 0.3
-    hint_weight: float = 0.03
+    hint_weight: float = 0.34
+    hint_form: str = "rms"
     deepest_weight: float = 1.0
     exit_hidden_ratio: float = 0.25
     predict_exit: PredictExit = "deepest"
+    pskd_alpha: float = 0.0
+    cskd_weight: float = 0.0
+    cskd_temperature: float = 4.0
+    tfkd_weight: float = 0.0
+    tfkd_temperature: float = 20.0
+    tfkd_correct_prob: float = 0.99
 
     def __post_init__(self) -> None:
         if self.exit_indices is not None:
@@ -69,8 +114,6 @@ class SelfDistillConfig:
             for i in self.exit_indices:
                 if isinstance(i, bool) or not isinstance(i, int):
                     raise TypeError(f"exit_indices must hold ints, got {i!r} in {list(self.exit_indices)}.")
-            if len(self.exit_indices) == 0:
-                raise ValueError("exit_indices is empty: give at least one index, or None for the default placement.")
             if len(set(self.exit_indices)) != len(self.exit_indices):
                 raise ValueError(f"exit_indices has duplicates: {list(self.exit_indices)}.")
             self.exit_indices = tuple(self.exit_indices)
@@ -78,8 +121,21 @@ class SelfDistillConfig:
             raise TypeError(f"temperature must be a number, got {type(self.temperature).__name__}.")
         if not math.isfinite(self.temperature) or self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature!r} (BYOT uses 3.0).")
-        for name in ("ce_weight", "kd_weight", "hint_weight", "deepest_weight"):
+        for name in ("ce_weight", "kd_weight", "hint_weight", "deepest_weight", "cskd_weight"):
             _check_weight(name, getattr(self, name))
+        if self.hint_form not in HINT_FORMS:
+            raise ValueError(f"hint_form must be one of {HINT_FORMS}, got {self.hint_form!r}.")
+        for name in ("pskd_alpha", "tfkd_weight"):
+            _check_weight(name, getattr(self, name))
+            if getattr(self, name) > 1:
+                raise ValueError(f"{name} is a mixing weight in [0, 1], got {getattr(self, name)!r}.")
+        for name in ("cskd_temperature", "tfkd_temperature"):
+            _check_weight(name, getattr(self, name))
+            if getattr(self, name) == 0:
+                raise ValueError(f"{name} must be > 0, got 0.")
+        _check_weight("tfkd_correct_prob", self.tfkd_correct_prob)
+        if not 0 < self.tfkd_correct_prob < 1:
+            raise ValueError(f"tfkd_correct_prob must be in (0, 1), got {self.tfkd_correct_prob!r} (authors: 0.99).")
         if isinstance(self.exit_hidden_ratio, bool) or not isinstance(self.exit_hidden_ratio, (int, float)):
             raise TypeError(f"exit_hidden_ratio must be a number, got {type(self.exit_hidden_ratio).__name__}.")
         if not 0 < self.exit_hidden_ratio <= 4:

@@ -40,5 +40,9 @@ class SelfDistillOutput:
         return [*self.exit_logits, self.logits]
 
     def ensemble_probs(self) -> torch.Tensor:
-        """Mean softmax over all exits and the deepest classifier."""
-        return torch.stack([lg.float().softmax(dim=1) for lg in self.all_logits()]).mean(dim=0)
+        """Softmax of the mean logits of all exits and the deepest classifier.
+
+        As BYOT's released code computes its ensemble (``sum(outputs) / len(outputs)``
+        of the logits; github.com/ArchipLab-LinfengZhang/pytorch-self-distillation-final, train.py).
+        """
+        return torch.stack([lg.float() for lg in self.all_logits()]).mean(dim=0).softmax(dim=1)

@@ -120,17 +120,28 @@ def intercepting(model: Any, fn: Callable[[int, torch.Tensor, Any], Any]) -> Any
 
     ``fn`` returns None (go on), a replacement value, or raises ``StopForward`` (see ``ExitEngine.intercept``).
     """
-    engine = getattr(model, "exit_engine", None)
-    if engine is not None and hasattr(engine, "intercept"):
+    engine = _engine(model)
+    if engine is not None:
         return engine.intercept(fn)
     return _hooked(cast(MultiExitModel, model), fn)
+
+
+def _engine(model: Any) -> Any:
+    """The model's exit engine (its persistent taps installed), or None."""
+    engine = getattr(model, "exit_engine", None)
+    if engine is None or not hasattr(engine, "intercept"):
+        return None
+    ensure = getattr(engine, "ensure_installed", None)
+    if callable(ensure):
+        ensure()
+    return engine
 
 
 def forward_with_features(model: Any, inputs: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
     """The deepest logits and every exit point's feature from one forward pass (the engine's capture)."""
     mx = as_multi_exit(model)
-    engine = getattr(model, "exit_engine", None)
-    if engine is not None and hasattr(engine, "capture"):
+    engine = _engine(model)
+    if engine is not None:
         with engine.capture() as cap:
             deepest = mx.forward_deepest(inputs)
         return deepest, list(cap.features)[: mx.num_exits]

@@ -2,14 +2,16 @@
 
 Importing it (``import sd_plugin`` does) registers into MMPretrain's registries:
 ``SelfDistillClassifier``, ``SelfDistillExitNeck`` and ``SelfDistillLoss`` (MODELS),
-``DistillWeightWarmupHook`` and ``SaveStrippedCheckpointHook`` (HOOKS) and
-``MultiExitAccuracy`` (METRICS).
+``DistillWeightWarmupHook``, ``ProgressiveSelfKDHook`` and ``SaveStrippedCheckpointHook``
+(HOOKS), ``ClassPairSampler`` (DATA_SAMPLERS) and ``MultiExitAccuracy`` (METRICS).
 """
 
+from .class_pair_sampler import ClassPairSampler
 from .classifier import EXIT_SCORES, SelfDistillClassifier
 from .distill_loss import SelfDistillLoss
 from .exit_neck import SelfDistillExitNeck
 from .metric import MultiExitAccuracy
+from .pskd_hook import ProgressiveSelfKDHook
 from .save_stripped_checkpoint_hook import SaveStrippedCheckpointHook
 from .warmup_hook import DistillWeightWarmupHook
 
@@ -20,5 +22,7 @@ __all__ = [
     "SelfDistillLoss",
     "MultiExitAccuracy",
     "DistillWeightWarmupHook",
+    "ProgressiveSelfKDHook",
+    "ClassPairSampler",
     "SaveStrippedCheckpointHook",
 ]

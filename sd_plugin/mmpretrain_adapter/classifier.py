@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -14,11 +14,13 @@ from mmpretrain.registry import MODELS
 from mmpretrain.structures import DataSample
 
 from sd_plugin._checks import check_class_labels, check_finite_input
-from sd_plugin.core import ExitPoint, SelfDistillConfig, SelfDistillOutput, StopForward, get_submodule, select_feature
+from sd_plugin.core import ExitPoint, SelfDistillConfig, SelfDistillOutput
+from sd_plugin.core.engine import ExitEngine, ProbeError, find_exit_layout
 
-from ._discovery import discover_exit_points, find_candidates, probe_input_shape
+from ._discovery import check_stage_modules, probe_input_shape
 from ._early_exit_infer import early_exit_logits, exit_scores_requested, parse_early_exit
-from ._heads import build_exit_head, check_head, head_loss_fn, run_head, targets_of
+from ._head_calls import HeadOutput, deepest_head_loss, given_loss, head_loss, plain_logits, run_head
+from ._heads import HeadProbe, check_head, plan_exit_heads, probe_head, targets_of
 from .distill_loss import SelfDistillLoss
 from .exit_neck import SelfDistillExitNeck
 
@@ -28,6 +30,10 @@ __all__ = ["SelfDistillClassifier", "EXIT_SCORES"]
 #: a (num_exits + 1, num_classes) tensor, shallowest exit first, deepest last.
 EXIT_SCORES = "exit_scores"
 
+_STAGE_FIX = (
+    "Name its main-path stage modules with SelfDistillClassifier(stage_modules=['layer1', 'layer2', ...]) (each "
+    "one's output feeding the next, the last one feeding the neck/head), or choose exit_indices."
+)
 # Probe size tried when the default (small) probe input is too small for the backbone.
 _FALLBACK_PROBE_SIZE = 224
 # Two samples, so per-sample outputs can be told from per-patch ones (TNT's inner tokens).
@@ -120,18 +126,25 @@ class SelfDistillClassifier(ImageClassifier):
             data_preprocessor=data_preprocessor,
             init_cfg=init_cfg,
         )
-        width = check_head(self.head, head_cfg)
+        check_head(self.head, head_cfg)
         self.eval_exits = bool(eval_exits)
         self._attach_exit_scores = False
         self.distill_loss = SelfDistillLoss(config=self.sd_config)
         points, self.num_positions = self._discover(stage_modules, probe_size)
         self._exit_points: Tuple[ExitPoint, ...] = tuple(points)
+        #: The taps on the backbone's exit points (sd_plugin.core.engine): one per exit, per-thread sessions.
+        self.exit_engine = ExitEngine(self.backbone, self._exit_points)
+        plan = plan_exit_heads(self.head, head_cfg, self._head_probe, [p.channels for p in points])  # type: ignore
+        del self._head_probe
+        #: How the exits classify (see ``_heads``): 'copy' of the head, 'linear' or 'logits'.
+        self.exit_head_kind = plan.kind
+        self._num_classes = plan.num_classes
         self.exit_necks = nn.ModuleList(
-            SelfDistillExitNeck(p.channels, width, p.fmt, p.stride, self.sd_config.exit_hidden_ratio) for p in points
+            SelfDistillExitNeck(p.channels, plan.width, p.fmt, p.stride, self.sd_config.exit_hidden_ratio)
+            for p in points
         )
-        self.exit_heads = nn.ModuleList(build_exit_head(head_cfg, width) for _ in points)  # type: ignore[arg-type]
+        self.exit_heads = nn.ModuleList(plan.build() for _ in points)
         self._early_exit = parse_early_exit(early_exit, self.num_exits)
-        self._check_exit_heads(width)
         self.register_load_state_dict_post_hook(_log_fresh_exits)
         p = self.sd_config.predict_exit
         if isinstance(p, int) and p > self.num_exits + 1:
@@ -144,52 +157,42 @@ class SelfDistillClassifier(ImageClassifier):
     def _discover(
         self, stage_modules: Optional[Sequence[str]], probe_size: Optional[Union[int, Sequence[int]]]
     ) -> Tuple[List[ExitPoint], int]:
-        candidates = find_candidates(self.backbone, stage_modules)
+        """Place the exits through the core exit engine: one probe of the backbone, neck and head."""
+        names = check_stage_modules(self.backbone, stage_modules)
         chans, h, w = probe_input_shape(self.backbone, probe_size)  # type: ignore[arg-type]
-        self._probe_pre_logits: Optional[torch.Tensor] = None
+        self._head_probe: Optional[HeadProbe] = None
 
-        def probe(h: int, w: int) -> Tuple[List[ExitPoint], int]:
-            x = torch.zeros(_PROBE_BATCH, chans, h, w)
+        def run(x: torch.Tensor) -> Any:
+            feats = self.extract_feat(x)
+            try:
+                self._head_probe = probe_head(self.head, feats)
+            except RuntimeError as e:  # not the input size: the head does not fit the features
+                raise ValueError(_head_mismatch(self.head, feats, e)) from e
+            return feats
 
-            def run() -> None:
-                feats = self.extract_feat(x)
-                try:
-                    _, self._probe_pre_logits = run_head(self.head, feats)
-                except RuntimeError as e:  # not the input size: the head does not fit the features
-                    raise ValueError(_head_mismatch(self.head, feats, e)) from e
-
-            with _eval_no_grad(self):
-                return discover_exit_points(self.backbone, candidates, self.sd_config, run, (h, w), _PROBE_BATCH)
+        def place(h: int, w: int) -> Tuple[List[ExitPoint], int]:
+            layout = find_exit_layout(
+                self.backbone,
+                run,
+                (chans, h, w),
+                self.sd_config,
+                owner=self,
+                candidates=names,
+                user_given=names is not None,
+                name=f"backbone {type(self.backbone).__name__}",
+                fix=_STAGE_FIX,
+            )
+            return list(layout.points), layout.num_positions
 
         try:
-            return probe(h, w)
-        except (RuntimeError, AssertionError) as e:  # the input is too small for this backbone
+            return place(h, w)
+        except ProbeError as e:  # the input is too small for this backbone
             if probe_size is not None or max(h, w) >= _FALLBACK_PROBE_SIZE:
                 raise ValueError(
                     f"the probe forward pass of {type(self.backbone).__name__} at {h}x{w} failed ({e}); set "
                     "SelfDistillClassifier(probe_size=...) to an input size this backbone accepts."
                 ) from e
-            return probe(_FALLBACK_PROBE_SIZE, _FALLBACK_PROBE_SIZE)
-
-    def _check_exit_heads(self, width: int) -> None:
-        teacher = self._probe_pre_logits
-        del self._probe_pre_logits
-        if teacher is None or teacher.dim() != 2:
-            raise TypeError(
-                f"head {type(self.head).__name__}.pre_logits gave {None if teacher is None else tuple(teacher.shape)};"
-                " the feature hint needs (N, D) features."
-            )
-        num_classes = self.head.num_classes  # type: ignore[union-attr]
-        with _eval_no_grad(self):
-            for head in self.exit_heads:
-                logits, pre = run_head(head, (torch.zeros(2, width),))
-                if tuple(logits.shape) != (2, num_classes) or tuple(pre.shape) != (2, teacher.shape[1]):
-                    raise TypeError(
-                        f"head {type(head).__name__} copied for an exit gives logits {tuple(logits.shape)} and "
-                        f"features {tuple(pre.shape)} from (2, {width}) inputs; expected (2, {num_classes}) and "
-                        f"(2, {teacher.shape[1]}) like the deepest head. Use LinearClsHead or "
-                        "VisionTransformerClsHead."
-                    )
+            return place(_FALLBACK_PROBE_SIZE, _FALLBACK_PROBE_SIZE)
 
     # ------------------------------------------------------ MultiExitModel
     @property
@@ -206,15 +209,21 @@ class SelfDistillClassifier(ImageClassifier):
 
     def forward_deepest(self, inputs: torch.Tensor) -> torch.Tensor:
         """Logits of the deepest classifier (the unmodified model), (N, num_classes)."""
-        return self.head(self.extract_feat(inputs))  # type: ignore[misc]
+        return plain_logits(self.head, self.head(self.extract_feat(inputs)))  # type: ignore[misc,arg-type]
 
     def forward_exit(self, k: int, feature: torch.Tensor) -> torch.Tensor:
         """Logits of exit ``k`` (0-based, shallowest first) from its tapped feature."""
-        return self._run_exit(k, feature)[0]
+        self._check_exit_index(k)
+        head = self.exit_heads[k]
+        # A plain call (nothing recorded, nothing patched): safe from many threads at once.
+        return plain_logits(head, head(self.exit_necks[k](feature)))
 
-    def _run_exit(self, k: int, feature: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _check_exit_index(self, k: int) -> None:
         if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < self.num_exits:
             raise ValueError(f"exit index k={k!r} is out of range: this model has exits 0..{self.num_exits - 1}.")
+
+    def _run_exit(self, k: int, feature: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        self._check_exit_index(k)
         return run_head(self.exit_heads[k], self.exit_necks[k](feature))
 
     # --------------------------------------------------------------- train
@@ -222,64 +231,60 @@ class SelfDistillClassifier(ImageClassifier):
         """Scale the KD and hint weights (used by :class:`DistillWeightWarmupHook`)."""
         self.distill_loss.set_distill_scale(scale)
 
-    def _forward_all(self, inputs: torch.Tensor) -> Tuple[Any, SelfDistillOutput]:
-        features: Dict[int, torch.Tensor] = {}
-        handles = []
-        for i, point in enumerate(self._exit_points):
-
-            def hook(module: nn.Module, args: Any, output: Any, i: int = i, point: ExitPoint = point) -> None:
-                features[i] = select_feature(output, point)
-
-            handles.append(get_submodule(self.backbone, point.module).register_forward_hook(hook))
-        try:
+    def _tapped_forward(self, inputs: torch.Tensor) -> Tuple[Any, List[torch.Tensor]]:
+        """The backbone/neck output and every exit point's feature (shallowest first), from one forward pass."""
+        with self.exit_engine.capture() as cap:
             feats = self.extract_feat(inputs)
-        finally:
-            for h in handles:
-                h.remove()
-        if len(features) != self.num_exits:
-            raise RuntimeError(f"exit modules {[p.module for p in self._exit_points]} did not all run.")
-        logits, pre = run_head(self.head, feats)  # type: ignore[arg-type]
-        exits = [self._run_exit(k, features[k]) for k in range(self.num_exits)]
-        for k, (lg, f) in enumerate(exits, 1):
-            if lg.shape != logits.shape or f.shape != pre.shape:
+        return feats, cap.features
+
+    @staticmethod
+    def _output(deepest: HeadOutput, exits: Sequence[HeadOutput]) -> SelfDistillOutput:
+        logits, pre = deepest.logits, deepest.features
+        for k, e in enumerate(exits, 1):
+            if e.logits.shape != logits.shape or e.features.shape != pre.shape:
                 raise ValueError(
-                    f"exit {k} gives logits {tuple(lg.shape)} and features {tuple(f.shape)}, the deepest head "
-                    f"{tuple(logits.shape)} and {tuple(pre.shape)}; they must match exactly."
+                    f"exit {k} gives logits {tuple(e.logits.shape)} and features {tuple(e.features.shape)}, the "
+                    f"deepest head {tuple(logits.shape)} and {tuple(pre.shape)}; they must match exactly."
                 )
-        out = SelfDistillOutput(logits, pre, [lg for lg, _ in exits], [f for _, f in exits])
-        return feats, out
+        return SelfDistillOutput(logits, pre, [e.logits for e in exits], [e.features for e in exits])
+
+    def _forward_all(self, inputs: torch.Tensor) -> Tuple[Any, SelfDistillOutput]:
+        feats, tapped = self._tapped_forward(inputs)
+        deepest = HeadOutput(*run_head(self.head, feats))  # type: ignore[arg-type]
+        exits = [HeadOutput(*self._run_exit(k, f)) for k, f in enumerate(tapped)]
+        return feats, self._output(deepest, exits)
 
     def loss(self, inputs: torch.Tensor, data_samples: List[DataSample]) -> dict:
-        """Deepest head loss plus every exit's CE, KD and hint terms (see the class docstring)."""
+        """Deepest head loss plus every exit's CE, KD and hint terms (see the class docstring).
+
+        ``loss_ce`` is exactly the user's ``head.loss(feats, data_samples)``
+        (times ``deepest_weight``, 1 by default), computed once; each exit's
+        label loss is its own head's ``loss()`` on the exit features, times
+        ``ce_weight``. KD and hint use every head's plain logits (no margin) and
+        ``pre_logits`` from those same calls.
+        """
         check_finite_input(inputs)
         target = targets_of(data_samples)
-        check_class_labels(target, self.head.num_classes)  # type: ignore[union-attr]
-        _, out = self._forward_all(inputs)
-        return self.distill_loss(
+        check_class_labels(target, self._num_classes)
+        feats, tapped = self._tapped_forward(inputs)
+        deepest = deepest_head_loss(self.head, feats, data_samples)  # type: ignore[arg-type]
+        exits = [head_loss(self.exit_heads[k], self.exit_necks[k](f), data_samples) for k, f in enumerate(tapped)]
+        out = self._output(deepest, exits)
+        losses = self.distill_loss(
             out,
             target.to(out.logits.device),
-            ce_fn=head_loss_fn(self.head),  # type: ignore[arg-type]
-            exit_ce_fns=[head_loss_fn(h) for h in self.exit_heads],
+            ce_fn=given_loss(deepest),
+            exit_ce_fns=[given_loss(e) for e in exits],
+            sample_index=_sample_indices(data_samples) if self.sd_config.pskd_alpha > 0 else None,
         )
+        losses.update(deepest.extras or {})
+        return losses
 
     # ----------------------------------------------------------- inference
     def _exit_only(self, inputs: torch.Tensor, k: int) -> torch.Tensor:
         """Logits of exit ``k`` (0-based); the backbone stops right after the exit's module."""
-        point = self._exit_points[k]
-        got: List[torch.Tensor] = []
-
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            got.append(select_feature(output, point))
-            raise StopForward
-
-        handle = get_submodule(self.backbone, point.module).register_forward_hook(hook)
-        try:
-            self.backbone(inputs)
-        except StopForward:
-            pass
-        finally:
-            handle.remove()
-        return self.forward_exit(k, got[0])
+        feature = self.exit_engine.run_to(k, lambda: self.backbone(inputs))
+        return self.forward_exit(k, feature)
 
     def _selected_logits(self, inputs: torch.Tensor) -> Optional[torch.Tensor]:
         """Logits chosen by ``early_exit`` or ``predict_exit`` when it is not the deepest classifier, else None."""
@@ -345,6 +350,17 @@ class SelfDistillClassifier(ImageClassifier):
         """``ImageClassifier.test_step`` with every exit's scores attached (``eval_exits``)."""
         with self._exit_scores_on():
             return super().test_step(data)
+
+
+def _sample_indices(data_samples: List[DataSample]) -> torch.Tensor:
+    """Each data sample's ``sample_idx`` (its index in the data set, set by mmengine's BaseDataset), for PS-KD."""
+    missing = [i for i, ds in enumerate(data_samples) if "sample_idx" not in ds]
+    if missing:
+        raise ValueError(
+            "PS-KD (pskd_alpha > 0) needs each data sample's sample_idx: keep 'sample_idx' in PackInputs' meta_keys "
+            "(it is there by default)."
+        )
+    return torch.tensor([int(ds.sample_idx) for ds in data_samples], dtype=torch.long)
 
 
 def _head_mismatch(head: Any, feats: Any, error: RuntimeError) -> str:

@@ -1,15 +1,15 @@
-"""``SelfDistillLoss``: the registered loss module that adds up self-distillation terms (maths in core)."""
+"""``SelfDistillLoss`` for MMPretrain: the core criterion, returning its named terms as a dict for mmengine's logger."""
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 import torch.nn as nn
 from mmpretrain.registry import MODELS
 
-from sd_plugin.core import SelfDistillConfig, SelfDistillOutput, self_distill_losses
+from sd_plugin.core import SelfDistillOutput
+from sd_plugin.core import SelfDistillLoss as _CoreSelfDistillLoss
 
 __all__ = ["SelfDistillLoss"]
 
@@ -17,58 +17,39 @@ CEFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @MODELS.register_module()
-class SelfDistillLoss(nn.Module):
-    """Self-distillation loss terms as a dict, for mmengine's logger.
+class SelfDistillLoss(_CoreSelfDistillLoss):
+    """:class:`sd_plugin.core.SelfDistillLoss` with MMPretrain's return type: a dict of named loss terms.
 
-    Delegates to :func:`sd_plugin.core.self_distill_losses`; the label terms use
-    the given cross-entropy functions (``SelfDistillClassifier`` passes each
-    head's own loss module, so label smoothing and Mixup/CutMix soft targets
-    behave as in the user's head). ``distill_scale`` multiplies the KD and hint
-    weights (set by :class:`DistillWeightWarmupHook`).
+    The label terms use the given cross-entropy functions
+    (``SelfDistillClassifier`` passes each head's own loss module, so label
+    smoothing and Mixup/CutMix soft targets behave as in the user's head).
+    ``distill_scale`` multiplies the KD and hint weights (set by
+    :class:`DistillWeightWarmupHook`); the training progress for PS-KD is set
+    by :class:`ProgressiveSelfKDHook`, which also saves the past predictions in
+    the checkpoint (they are kept out of the model's ``state_dict``, so a
+    stripped or plain checkpoint never carries them).
 
     Args:
         config: A :class:`~sd_plugin.core.SelfDistillConfig`; or give its
-            options (temperature, ce_weight, kd_weight, hint_weight,
-            deepest_weight) as keywords.
+            options (temperature, ce_weight, kd_weight, hint_weight, ...) as keywords.
 
     Example:
-        >>> loss = dict(type='SelfDistillLoss', temperature=3.0, kd_weight=0.3,
-        ...             hint_weight=0.03)
+        >>> loss = dict(type='SelfDistillLoss', temperature=3.0, kd_weight=0.3)
     """
 
-    def __init__(self, config: Optional[SelfDistillConfig] = None, **options: Any) -> None:
-        super().__init__()
-        if config is not None and options:
-            raise TypeError("give SelfDistillLoss either config or keyword options, not both.")
-        self.config = config if config is not None else SelfDistillConfig(**options)
-        self.distill_scale = 1.0
+    # Not part of the model's state_dict (see the class docstring).
+    get_extra_state = nn.Module.get_extra_state  # type: ignore[assignment]
+    set_extra_state = nn.Module.set_extra_state  # type: ignore[assignment]
 
-    def set_distill_scale(self, scale: float) -> None:
-        """Multiply the KD and hint weights by ``scale`` in [0, 1] (warm-up)."""
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0.0 <= scale <= 1.0:
-            raise ValueError(f"distill scale must be a number in [0, 1], got {scale!r}.")
-        self.distill_scale = float(scale)
-
-    def forward(
+    def forward(  # type: ignore[override]
         self,
         output: SelfDistillOutput,
         target: torch.Tensor,
         ce_fn: Optional[CEFn] = None,
         exit_ce_fns: Optional[Sequence[CEFn]] = None,
+        sample_index: Optional[torch.Tensor] = None,
     ) -> Dict[str, torch.Tensor]:
         """``{'loss_ce': ..., 'exit1_loss_ce': ..., 'exit1_loss_kd': ..., 'exit1_loss_hint': ..., ...}``."""
-        config = self.config
-        if self.distill_scale != 1.0:
-            config = dataclasses.replace(
-                config,
-                kd_weight=config.kd_weight * self.distill_scale,
-                hint_weight=config.hint_weight * self.distill_scale,
-            )
-        return self_distill_losses(output, target, config, ce_fn=ce_fn, exit_ce_fns=exit_ce_fns)
-
-    def extra_repr(self) -> str:
-        c = self.config
-        return (
-            f"temperature={c.temperature}, ce_weight={c.ce_weight}, kd_weight={c.kd_weight}, "
-            f"hint_weight={c.hint_weight}, deepest_weight={c.deepest_weight}, distill_scale={self.distill_scale}"
-        )
+        terms = self.terms(output, target, ce_fn=ce_fn, exit_ce_fns=exit_ce_fns, sample_index=sample_index)
+        self.last_terms = {k: v.detach() for k, v in terms.items()}
+        return terms

@@ -22,7 +22,7 @@ class MultiExitAccuracy(BaseMetric):
     Reads the ``exit_scores`` that ``SelfDistillClassifier`` attaches to every
     DataSample during validation and testing. Metric names are
     ``exit{k}_top{n}`` (k = 1 is the shallowest exit), ``deepest_top{n}`` and
-    ``ensemble_top{n}`` (mean softmax of all, BYOT's "ensemble"), in percent,
+    ``ensemble_top{n}`` (softmax of the mean logits of all, BYOT's "ensemble"), in percent,
     under the prefix (e.g. ``multi-exit/deepest_top1``, usable in
     ``CheckpointHook(save_best=...)``).
 
@@ -71,7 +71,10 @@ class MultiExitAccuracy(BaseMetric):
         target = torch.cat([r["label"] for r in results])
         n_outputs = scores.shape[1]
         names = [f"exit{k}" for k in range(1, n_outputs)] + ["deepest"]
-        per_output = [scores[:, i] for i in range(n_outputs)] + [scores.mean(dim=1)]
+        # BYOT's ensemble averages the logits; the mean log-softmax differs from the mean logits by a
+        # per-sample constant, so its softmax is the softmax of the mean logits.
+        ensemble = scores.float().clamp_min(torch.finfo(torch.float32).tiny).log().mean(dim=1).softmax(dim=1)
+        per_output = [scores[:, i] for i in range(n_outputs)] + [ensemble]
         metrics: Dict[str, float] = {}
         for name, pred in zip([*names, "ensemble"], per_output):
             accs = Accuracy.calculate(pred, target, topk=self.topk)

@@ -10,12 +10,13 @@ input of the model's own classifier, so nothing is hard-coded per architecture.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
-from ..core import ExitPoint, SelfDistillConfig, default_block_exits, default_stage_exits
+from ..core import ExitPoint, SelfDistillConfig
+from ..core.engine import find_exit_layout
 
 __all__ = ["Discovery", "discover", "default_input_size", "pool_teacher"]
 
@@ -115,29 +116,6 @@ def _classifier(model: nn.Module) -> Tuple[str, nn.Module]:
     raise ValueError(f"{name}'s classifier is not one of its submodules; it cannot be tapped.")
 
 
-def _layout(t: torch.Tensor, num_chs: int, prefer_nhwc: bool) -> Optional[Tuple[str, int]]:
-    if t.dim() == 2:
-        return "NC", int(t.shape[1])
-    if t.dim() == 3:
-        return "NLC", int(t.shape[2])
-    if t.dim() != 4:
-        return None
-    nchw, nhwc = t.shape[1] == num_chs, t.shape[3] == num_chs
-    if nhwc and (prefer_nhwc or not nchw):
-        return "NHWC", int(t.shape[3])
-    if nchw or not prefer_nhwc:
-        return "NCHW", int(t.shape[1])
-    return "NHWC", int(t.shape[3])
-
-
-def _spatial(t: torch.Tensor, fmt: str) -> Optional[int]:
-    if fmt == "NCHW":
-        return int(t.shape[2])
-    if fmt == "NHWC":
-        return int(t.shape[1])
-    return None
-
-
 def pool_teacher(t: torch.Tensor, fmt: str) -> torch.Tensor:
     """The classifier's input as (N, D) features: (N, C, 1, 1) flattens exactly, larger maps are averaged."""
     if fmt == "NCHW":
@@ -149,126 +127,51 @@ def pool_teacher(t: torch.Tensor, fmt: str) -> torch.Tensor:
     return t
 
 
-def _slice_batch(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value[:1] if value.dim() > 0 else value
-    if isinstance(value, (list, tuple)):
-        return type(value)(_slice_batch(v) for v in value)
-    return value
-
-
-def _check_main_path(model: nn.Module, point: ExitPoint, x: torch.Tensor) -> None:
-    """A forward hook at ``point`` that keeps one sample must make the model return one sample."""
-    module = model.get_submodule(point.module)
-    handle = module.register_forward_hook(lambda m, a, out: _slice_batch(out))
-    try:
-        out = model(x)
-    except Exception:  # noqa: BLE001 - the model's own code may not take a batch change; training is unaffected
-        return
-    finally:
-        handle.remove()
-    if isinstance(out, torch.Tensor) and out.shape[0] == x.shape[0]:
-        raise ValueError(
-            f"{_model_name(model)}: module {point.module!r} (from timm's feature_info) is not on the main "
-            "forward path (its output does not feed the classifier). Pick other exit_indices."
-        )
-
-
-def discover(model: nn.Module, config: SelfDistillConfig, input_size: Sequence[int]) -> Discovery:
-    """Probe ``model`` once and choose its exit points as ``config`` asks."""
-    name = _model_name(model)
-    if len(input_size) != 3 or not all(isinstance(s, int) and s > 0 for s in input_size):
-        raise ValueError(f"input_size must be (C, H, W) positive ints, got {tuple(input_size)!r}.")
-    levels = _levels(model)
-    head_name, head = _classifier(model)
-    outputs: Dict[str, List[Any]] = {lv.module: [] for lv in levels}
-    head_inputs: List[Any] = []
-    handles = []
-    for i, lv in enumerate(levels):
+def _candidates(model: nn.Module) -> Tuple[List[str], Dict[str, int]]:
+    """Stage ends from timm's feature_info (a container the model iterates over: its last element)."""
+    names: List[str] = []
+    channels: Dict[str, int] = {}
+    for lv in _levels(model):
+        name = lv.module
         try:
-            mod = model.get_submodule(lv.module)
+            mod = model.get_submodule(name)
         except AttributeError:
             continue
         if isinstance(mod, (nn.ModuleList, nn.ModuleDict)) and len(mod) > 0:
-            # a container the model iterates over never runs itself: its last element ends the stage
             last = list(mod.keys())[-1] if isinstance(mod, nn.ModuleDict) else str(len(mod) - 1)
-            lv = levels[i] = _Level(f"{lv.module}.{last}", lv.num_chs, lv.reduction)
-            outputs[lv.module] = []
-            mod = model.get_submodule(lv.module)
-        handles.append(mod.register_forward_hook(lambda m, a, out, key=lv.module: outputs[key].append(out)))
-    handles.append(head.register_forward_pre_hook(lambda m, a: head_inputs.append(a)))
-    x = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(0))
-    param = next(model.parameters(), None)
-    if param is not None:
-        x = x.to(param.device)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            try:
-                logits = model(x)
-            except Exception as e:  # noqa: BLE001 - reported with the way out
-                raise ValueError(
-                    f"the probe forward of {name} at input_size={tuple(input_size)} failed ({type(e).__name__}: "
-                    f"{e}). Pass input_size=(C, H, W) that the model accepts."
-                ) from e
-            finally:
-                for h in handles:
-                    h.remove()
-            if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-                raise TypeError(f"{name} must return (N, num_classes) logits in eval mode, got {type(logits)}.")
-            if len(head_inputs) != 1 or not isinstance(head_inputs[0][0], torch.Tensor):
-                raise ValueError(f"{name}'s classifier {head_name!r} did not run exactly once on one tensor.")
-            t_in = head_inputs[0][0]
-            t_fmt = "NC" if t_in.dim() == 2 else "NLC" if t_in.dim() == 3 else "NCHW"
-            if isinstance(head, nn.Linear) and t_in.dim() == 4:
-                t_fmt = "NHWC"
-            teacher = ExitPoint(head_name, t_fmt, int(pool_teacher(t_in, t_fmt).shape[1]), hook="forward_pre")
+            name = f"{name}.{last}"
+        names.append(name)
+        channels[name] = lv.num_chs
+    return names, channels
 
-            prefer_nhwc = getattr(model, "output_fmt", "NCHW") == "NHWC"
-            found: List[Tuple[_Level, str, int, Optional[int], Optional[int]]] = []
-            for lv in levels:
-                outs = outputs[lv.module]
-                if len(outs) != 1:
-                    continue  # never ran, or ran more than once: no single main-path feature
-                out, index = outs[0], None
-                if isinstance(out, (list, tuple)) and out and isinstance(out[0], torch.Tensor):
-                    out, index = out[0], 0
-                if not isinstance(out, torch.Tensor) or out.shape[0] != x.shape[0]:
-                    continue
-                lay = _layout(out, lv.num_chs, prefer_nhwc)
-                if lay is not None and lay[0] != "NC":
-                    found.append((lv, lay[0], lay[1], _spatial(out, lay[0]), index))
-            if len(found) < 2:
-                raise ValueError(
-                    f"{name}: timm's feature_info gives fewer than two usable stage outputs on the forward path, "
-                    "so its intermediate features cannot be reached. Use another timm model (one that supports "
-                    "features_only=True), or pass exit_indices if the default placement is the problem."
-                )
-            deep = [f for f in found if f[0].reduction > 2]
-            if len(deep) >= 2:
-                found = deep
-            kind = "block" if len({f[0].reduction for f in found}) == 1 else "stage"
-            default = default_block_exits(len(found)) if kind == "block" else default_stage_exits(len(found))
-            chosen = config.resolve_exit_indices(len(found), default)
-            deep_lv, _, _, deep_hw, _ = found[-1]
-            points = []
-            for i in chosen:
-                lv, fmt, chs, hw, index = found[i]
-                if hw is not None and deep_hw is not None:
-                    stride = max(1, hw // max(1, deep_hw))
-                else:
-                    stride = max(1, deep_lv.reduction // max(1, lv.reduction))
-                points.append(ExitPoint(lv.module, fmt, chs, stride if fmt in ("NCHW", "NHWC") else 1, index))
-            for point in points:
-                _check_main_path(model, point, x)
-    finally:
-        model.train(was_training)
+
+def discover(model: nn.Module, config: SelfDistillConfig, input_size: Sequence[int]) -> Discovery:
+    """Probe ``model`` once (through the core exit engine) and choose its exit points as ``config`` asks."""
+    name = _model_name(model)
+    head_name, _ = _classifier(model)
+    try:
+        names, channels = _candidates(model)
+    except ValueError:
+        names, channels = [], {}  # no feature_info: the engine finds the main path on its own
+    layout = find_exit_layout(
+        model,
+        model,
+        tuple(input_size),
+        config,
+        candidates=names or None,
+        channels=channels,
+        prefer_nhwc=getattr(model, "output_fmt", "NCHW") == "NHWC",
+        teacher=head_name,
+        name=name,
+        fix="Pass exit_indices=[...] (indices into the stage ends) or another input_size=(C, H, W).",
+    )
+    if layout.teacher is None or layout.output_shape is None or len(layout.output_shape) != 2:
+        raise TypeError(f"{name} must return (N, num_classes) logits in eval mode, got shape {layout.output_shape}.")
     return Discovery(
-        kind=kind,
-        positions=tuple(f[0].module for f in found),
-        points=tuple(points),
-        teacher=teacher,
-        feature_dim=teacher.channels,
-        num_classes=int(logits.shape[1]),
+        kind=layout.kind,
+        positions=layout.positions,
+        points=layout.points,
+        teacher=layout.teacher,
+        feature_dim=layout.teacher.channels,
+        num_classes=int(layout.output_shape[1]),
     )

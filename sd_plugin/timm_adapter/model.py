@@ -8,14 +8,16 @@ features) during that single pass, and the exits are run on them.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
 from .._checks import check_finite_input
-from ..core import ExitPoint, FeatureTaps, SelfDistillConfig, SelfDistillOutput, build_exit
+from ..core import ExitPoint, SelfDistillConfig, SelfDistillOutput, build_exit
+from ..core.engine import ExitEngine
 from ._discovery import default_input_size, discover, pool_teacher
+from ._timm_api import TimmApiMixin
 
 __all__ = ["SelfDistillModel", "ExitBranch", "wrap", "unwrap"]
 
@@ -74,7 +76,7 @@ def _load_post_hook(module: nn.Module, incompatible: Any) -> None:
         keys[:] = [prefix + k[len(prefix + _MODEL) :] if k.startswith(prefix + _MODEL) else k for k in keys]
 
 
-class SelfDistillModel(nn.Module):
+class SelfDistillModel(TimmApiMixin, nn.Module):
     """A timm classifier with self-distillation exits (implements :class:`sd_plugin.core.MultiExitModel`).
 
     Train mode: ``forward(x)`` returns a :class:`~sd_plugin.core.SelfDistillOutput` (every exit's logits and
@@ -130,7 +132,9 @@ class SelfDistillModel(nn.Module):
         )
         param = next(model.parameters(), None)
         if param is not None:
-            self.sd_exits.to(param.device)
+            self.sd_exits.to(device=param.device, dtype=param.dtype if param.is_floating_point() else None)
+        #: The taps on the timm model's exit points and classifier input (sd_plugin.core.engine).
+        self.exit_engine = ExitEngine(model, found.points, extra=[found.teacher])
         self.register_state_dict_post_hook(_state_dict_hook)
         self.register_load_state_dict_pre_hook(_load_pre_hook)
         self.register_load_state_dict_post_hook(_load_post_hook)
@@ -162,7 +166,8 @@ class SelfDistillModel(nn.Module):
     # forward ------------------------------------------------------------------------------------------------------
     def forward_train(self, x: torch.Tensor) -> SelfDistillOutput:
         """Every exit's and the deepest classifier's logits and features, from one pass of the model."""
-        with FeatureTaps(self.model, [*self._points, self._teacher]) as taps:
+        self.exit_engine.ensure_installed()
+        with self.exit_engine.capture() as taps:
             logits = self.model(x)
         if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
             raise TypeError(f"the wrapped model must return (N, num_classes) logits, got {type(logits).__name__}.")
@@ -193,6 +198,7 @@ class SelfDistillModel(nn.Module):
     # weights ------------------------------------------------------------------------------------------------------
     def unwrap(self) -> nn.Module:
         """The original timm model: same keys, same outputs as before wrapping, no hooks left."""
+        self.exit_engine.remove()
         return self.model
 
     def exits_state_dict(self) -> Dict[str, torch.Tensor]:
@@ -208,12 +214,6 @@ class SelfDistillModel(nn.Module):
     def load_model_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> Any:
         """Load a plain timm checkpoint into the wrapped model (exits untouched)."""
         return self.model.load_state_dict(state_dict, strict=strict)
-
-    def no_weight_decay(self) -> Set[str]:
-        """The timm model's no-weight-decay parameters, named as in this module (for timm's optimizer factory)."""
-        fn = getattr(self.model, "no_weight_decay", None)
-        names = fn() if callable(fn) else set()
-        return {_MODEL + n for n in names}
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}, exits={[p.module for p in self._points]}, feature_dim={self.feature_dim}"

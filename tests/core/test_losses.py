@@ -45,7 +45,8 @@ def test_no_gradient_into_teacher():
 def test_hint_hand_computed_and_shape_checked():
     fs = torch.tensor([[3.0, 0.0], [0.0, 0.0]])
     ft = torch.tensor([[0.0, 4.0], [0.0, 1.0]])
-    assert feature_hint(fs, ft).item() == pytest.approx((5.0 + 1.0) / 2)
+    assert feature_hint(fs, ft, "mean").item() == pytest.approx((5.0 + 1.0) / 2)
+    assert feature_hint(fs, ft).item() == pytest.approx(((25.0 + 1.0) / 2) ** 0.5)  # default 'rms'
     with pytest.raises(ValueError, match="same shape"):
         feature_hint(torch.randn(4, 8), torch.randn(4, 8, 1, 1))
 
@@ -127,7 +128,6 @@ def test_loss_rejects_plain_tensor():
         (dict(kd_weight=-0.1), ValueError, "kd_weight"),
         (dict(hint_weight=float("nan")), ValueError, "hint_weight"),
         (dict(ce_weight="a"), TypeError, "ce_weight"),
-        (dict(exit_indices=[]), ValueError, "empty"),
         (dict(exit_indices=[1, 1]), ValueError, "duplicates"),
         (dict(exit_indices="0,1"), TypeError, "exit_indices"),
         (dict(exit_indices=[0.5]), TypeError, "ints"),
@@ -139,6 +139,10 @@ def test_loss_rejects_plain_tensor():
 def test_config_rejects_bad_values(kwargs, exc, words):
     with pytest.raises(exc, match=words):
         SelfDistillConfig(**kwargs)
+
+
+def test_empty_exit_indices_mean_no_exits():
+    assert SelfDistillConfig(exit_indices=[]).resolve_exit_indices(4, (0, 1, 2)) == ()
 
 
 def test_resolve_exit_indices():

@@ -71,9 +71,12 @@ def test_exit_indices_select_stages() -> None:
 @pytest.mark.parametrize(
     "head, match",
     [
-        ({"type": "ClsHead"}, "ClsHead.*no classifier"),
-        ({"type": "DeiTClsHead", "num_classes": 5, "in_channels": 512}, "DeiTClsHead"),
+        # ClsHead (the backbone computes the logits) and DeiTClsHead now work: tests/mmpretrain/test_head_losses.py.
         ({"type": "MultiLabelLinearClsHead", "num_classes": 5, "in_channels": 512}, "MultiLabelLinearClsHead"),
+        (
+            {"type": "CSRAClsHead", "num_classes": 5, "in_channels": 512, "num_heads": 1, "lam": 0.1},
+            "CSRAClsHead.*multi-label",
+        ),
     ],
 )
 def test_unusable_head(head: Dict[str, Any], match: str) -> None:

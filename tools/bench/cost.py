@@ -38,7 +38,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-__all__ = ["TrainArm", "interleaved_times", "probe_peak_memory", "exit_flops", "summarise_pairs"]
+__all__ = ["TrainArm", "interleaved_times", "probe_peak_memory", "exit_flops", "flops_of", "summarise_pairs"]
 
 
 @dataclass
@@ -46,7 +46,7 @@ class TrainArm:
     """One arm of the benchmark, ready to run.
 
     Attributes:
-        name: 'plain' or 'sd'.
+        name: The arm's name (``tools.bench.arms``).
         model: The model (the self-distillation arm's implements ``MultiExitModel``).
         step: One optimisation step (forward, loss, backward, optimiser) on a batch.
         infer: Eval-mode prediction on a batch (deepest classifier, exits unused).
@@ -168,11 +168,12 @@ def probe_peak_memory(
     unpickling do not mask the peak), else ``ru_maxrss`` growth is used.
 
     Args:
-        route: Name of the route module (``_bench_mmpretrain`` or ``_bench_timm``), importable in the child
-            (it inherits ``sys.path``); its ``sample_batches(spec, n)`` loads the batches (before the
-            measurement starts) and ``build_arm(spec, arm)`` builds the arm.
+        route: Name of the route module (``tools.bench.mmpretrain_route`` or
+            ``tools.bench.timm_route``), importable in the child (it inherits ``sys.path``); its
+            ``sample_batches(spec, n)`` loads the batches (before the measurement starts) and
+            ``build_arm(spec, arm)`` builds the arm.
         spec: Route specification of the arm.
-        arm: 'plain' or 'sd'.
+        arm: The arm's name.
         num_batches: Batches loaded and cycled through.
         steps: Training steps.
     """
@@ -199,6 +200,16 @@ def _flops(module: nn.Module, x: torch.Tensor) -> int:
     analyzer.unsupported_ops_warnings(False)
     analyzer.uncalled_modules_warnings(False)
     return int(analyzer.total())
+
+
+def flops_of(model: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> int:
+    """Forward FLOPs of ``forward(x)`` (eval mode, no grad), the whole batch."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        total = _flops(_Call(model, forward), x)
+    model.train(was_training)
+    return total
 
 
 def exit_flops(

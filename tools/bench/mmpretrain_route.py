@@ -13,12 +13,13 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from _bench_cost import TrainArm
-from _bench_data import DataSplits
+from tools.bench.arms import parse_arm
+from tools.bench.cost import TrainArm
+from tools.bench.data import DataSplits
 
 __all__ = ["CONFIG_DIR", "arm_spec", "load_config", "train_run", "build_arm", "sample_batches", "flops_inputs"]
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "benchmark"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "benchmark"
 MODEL_DESCRIPTION = "MMPretrain ResNet_CIFAR-18 (base width {width})"
 ARM_CONFIGS = {
     "plain": "resnet18-w16_1xb128_cifar10-subset_plain.py",
@@ -49,7 +50,7 @@ def arm_spec(
     """Picklable description of one arm: its config file and the overrides the benchmark applies.
 
     Args:
-        arm: 'plain' or 'sd'.
+        arm: An arm name (``tools.bench.arms``: ce, ls, byot, byot+ls, pskd, cskd, tfkd, ...).
         splits: Data subsets (both arms get the same).
         epochs: Training epochs.
         seed: Training seed (model init, data order, augmentation).
@@ -57,10 +58,10 @@ def arm_spec(
         width: Base channels of ResNet_CIFAR (None: the config's).
         num_workers: Data loader workers (0: load in the main process).
         batch_size: Training batch size (None: the config's).
-        sd_options: Self-distillation options (``SelfDistillConfig`` fields) for the sd arm's model.
+        sd_options: Self-distillation options (``SelfDistillConfig`` fields) for every arm with a
+            self-distillation model (after the arm's own).
     """
-    if arm not in ARM_CONFIGS:
-        raise ValueError(f"arm must be one of {sorted(ARM_CONFIGS)}, got {arm!r}.")
+    recipe = parse_arm(arm)
     over: Dict[str, Any] = {
         "work_dir": str(work_dir),
         "randomness.seed": seed,
@@ -84,10 +85,21 @@ def arm_spec(
         over["model.backbone.stem_channels"] = width
         over["model.backbone.base_channels"] = width
         over["model.head.in_channels"] = width * 8
-    if arm == "sd":
-        for key, value in (sd_options or {}).items():
+    if recipe.label_smoothing:
+        # MMPretrain's own label smoothing on the head loss ('original': (1 - e) * y + e / K), copied to every exit.
+        over["model.head.loss"] = dict(
+            type="LabelSmoothLoss", label_smooth_val=recipe.label_smoothing, mode="original", loss_weight=1.0
+        )
+    replace: Dict[str, Any] = {}
+    if recipe.self_distill_model:
+        for key, value in {**recipe.options, **(sd_options or {})}.items():
             over[f"model.{key}"] = value
-    return {"config": str(CONFIG_DIR / ARM_CONFIGS[arm]), "overrides": over}
+    if recipe.class_pairs:
+        replace["train_dataloader.sampler"] = dict(type="ClassPairSampler")
+    if recipe.pskd:
+        replace["custom_hooks"] = [dict(type="ProgressiveSelfKDHook")]
+    config = ARM_CONFIGS["sd" if recipe.self_distill_model else "plain"]
+    return {"config": str(CONFIG_DIR / config), "overrides": over, "replace": replace}
 
 
 def load_config(spec: Dict[str, Any]) -> Any:
@@ -96,6 +108,12 @@ def load_config(spec: Dict[str, Any]) -> Any:
 
     cfg = Config.fromfile(spec["config"])
     cfg.merge_from_dict(spec["overrides"])
+    for key, value in spec.get("replace", {}).items():  # whole values, not merged into the config's
+        *parents, leaf = key.split(".")
+        node = cfg
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
     return cfg
 
 
@@ -184,6 +202,9 @@ def build_arm(spec: Dict[str, Any], arm: str) -> TrainArm:
     model_cfg.setdefault("data_preprocessor", cfg.get("data_preprocessor"))
     model = MODELS.build(model_cfg)
     model.init_weights()
+    loss = getattr(model, "distill_loss", None)
+    if loss is not None and loss.config.pskd_alpha > 0:
+        loss.set_progress(0.5)  # what ProgressiveSelfKDHook sets mid-training
     optim_wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
 
     def step(batch: Any) -> None:

@@ -17,7 +17,8 @@ import time
 from typing import Any, Callable, Dict, List, Sequence
 
 import torch
-from _bench_cost import TrainArm
+
+from tools.bench.cost import TrainArm
 
 __all__ = ["step_breakdown", "render_breakdown"]
 

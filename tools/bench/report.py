@@ -9,13 +9,13 @@ import statistics
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-__all__ = ["exit_accuracies", "accuracy_rows", "cost_rows", "render_markdown", "save_json", "plot"]
+from tools.bench.arms import BASELINE_ARM
 
-TARGETS = {
-    "step_time_vs_flops": 1.10,
-    "peak_memory_ratio": 1.30,
-    "inference_ratio": 1.00,
-}
+__all__ = ["exit_accuracies", "arm_results", "cost_summary", "render_markdown", "save_json", "plot"]
+
+#: Issue 12's target: training-step time of a self-distillation arm at most 1.10x plain cross-entropy's.
+STEP_TIME_TARGET = 1.10
+BASELINE = BASELINE_ARM
 _EXIT_KEY = re.compile(r"exit[_\-\s]?(\d+)", re.IGNORECASE)
 
 
@@ -48,132 +48,115 @@ def _mean_spread(values: Sequence[float]) -> Tuple[float, float, float, float]:
     return mean, std, min(values), max(values)
 
 
-def _final(runs: List[Dict[str, Any]], arm: str) -> Dict[int, Dict[str, float]]:
-    out = {}
-    for run in runs:
-        if run["arm"] == arm and (run.get("test") or run["history"]):
-            out[run["seed"]] = exit_accuracies(run.get("test") or run["history"][-1])
-    return out
-
-
 def _exit_order(keys: Sequence[str]) -> List[str]:
     exits = sorted((k for k in keys if k.startswith("exit")), key=lambda k: int(k[4:]))
     return exits + [k for k in ("deepest", "ensemble") if k in keys]
 
 
-def accuracy_rows(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
-    """Per-seed and aggregate accuracy rows: plain, every sd exit, deepest, ensemble, gain, error reduction.
+def _final(runs: List[Dict[str, Any]], arm: str) -> Dict[int, Dict[str, float]]:
+    """Final top-1 per seed of an arm's finished runs, keyed exit1.., deepest, ensemble."""
+    out = {}
+    for run in runs:
+        if run["arm"] == arm and (run.get("test") or run.get("history")):
+            acc = exit_accuracies(run.get("test") or run["history"][-1])
+            if "deepest" not in acc:
+                numbered = [k for k in acc if k.startswith("exit")]
+                if not numbered:
+                    raise ValueError(f"run {arm} seed {run['seed']} reported no top-1 (metrics: {sorted(acc)}).")
+                acc["deepest"] = acc.pop(_exit_order(numbered)[-1])
+            if not any(k.startswith("exit") for k in acc):
+                acc.pop("ensemble", None)  # no exits: the "ensemble" is the deepest classifier alone
+            out[run["seed"]] = acc
+    return out
 
-    The sd deepest classifier is the last ``exit<k>`` when the metric numbers it
-    rather than calling it 'deepest'.
+
+def _stats(values: Sequence[float]) -> Dict[str, Any]:
+    mean, std, lo, hi = _mean_spread(values)
+    return {"per_seed": list(values), "mean": mean, "std": std, "min": lo, "max": hi}
+
+
+def arm_results(runs: List[Dict[str, Any]], arms: Sequence[str]) -> Dict[str, Any]:
+    """Per-arm top-1 (per exit, deepest, ensemble) over the seeds every arm finished, and the change vs CE.
+
+    The relative error reduction of an arm is ``(err_ce - err_arm) / err_ce``
+    per seed (deepest classifier; also for the ensemble where there are exits).
     """
-    plain = _final(runs, "plain")
-    sd = _final(runs, "sd")
-    seeds = sorted(set(plain) & set(sd))
+    finals = {a: _final(runs, a) for a in arms}
+    seeds = sorted(set.intersection(*(set(f) for f in finals.values()))) if finals else []
+    out: Dict[str, Any] = {"seeds": seeds, "arms": []}
     if not seeds:
-        raise ValueError("no seed has finished runs of both arms: nothing to compare.")
-    for s in seeds:
-        if "deepest" not in plain[s]:
-            raise ValueError(f"plain run of seed {s} reported no top-1 (metrics: {sorted(plain[s])}).")
-        if "deepest" not in sd[s]:
-            numbered = [k for k in sd[s] if k.startswith("exit")]
-            if not numbered:
-                raise ValueError(f"sd run of seed {s} reported no per-exit top-1 (metrics: {sorted(sd[s])}).")
-            sd[s]["deepest"] = sd[s].pop(_exit_order(numbered)[-1])
-    rows: List[Dict[str, Any]] = []
-
-    def add(label: str, values: List[float], unit: str) -> None:
-        mean, std, lo, hi = _mean_spread(values)
-        rows.append({"row": label, "unit": unit, "per_seed": values, "mean": mean, "std": std, "min": lo, "max": hi})
-
-    add("Plain model top-1", [plain[s]["deepest"] for s in seeds], "%")
-    for key in _exit_order(list(sd[seeds[0]])):
-        if all(key in sd[s] for s in seeds):
-            name = {"deepest": "deepest exit (unmodified model)", "ensemble": "ensemble of all exits"}.get(
-                key, f"exit {key[4:]}"
-            )
-            add(f"Self-distillation top-1, {name}", [sd[s][key] for s in seeds], "%")
-    gains = [sd[s]["deepest"] - plain[s]["deepest"] for s in seeds]
-    add("Deepest-exit gain over plain", gains, "points")
-    reductions = [
-        100.0 * (sd[s]["deepest"] - plain[s]["deepest"]) / max(100.0 - plain[s]["deepest"], 1e-9) for s in seeds
-    ]
-    add("Relative error reduction (deepest vs plain)", reductions, "%")
-    return {"seeds": seeds, "rows": rows}
+        return out
+    base = finals.get(BASELINE)
+    for arm in arms:
+        per = finals[arm]
+        keys = [k for k in _exit_order(list(per[seeds[0]])) if all(k in per[s] for s in seeds)]
+        row: Dict[str, Any] = {"arm": arm, "top1": {k: _stats([per[s][k] for s in seeds]) for k in keys}}
+        if base is not None:
+            for k in ("deepest", "ensemble"):
+                if k not in row["top1"]:
+                    continue
+                gain = [per[s][k] - base[s]["deepest"] for s in seeds]
+                rer = [100.0 * g / max(100.0 - base[s]["deepest"], 1e-9) for g, s in zip(gain, seeds)]
+                row[f"{k}_gain_vs_ce"] = _stats(gain)
+                row[f"{k}_error_reduction_vs_ce"] = _stats(rer)
+        out["arms"].append(row)
+    return out
 
 
-def cost_rows(cost: Dict[str, Any]) -> List[Dict[str, Any]]:
-    """Overhead rows with their targets and whether they are met."""
-    flops = cost["flops"]["flops_ratio"]
-    step_bound = TARGETS["step_time_vs_flops"] * flops
-    step = cost["train_step"]["median_pair_ratio"]
-    mem = cost["peak_memory"]["ratio"]
-    inf = cost["inference"]["median_pair_ratio"]
-    aa = cost["inference"].get("aa_median_pair_ratio")
-    # A latency difference no larger than twice the A/A difference (plain vs a copy of itself) is noise.
-    inf_tol = max(0.03, 2 * abs(aa - 1.0)) if aa is not None else 0.03
-    return [
-        {"row": "FLOPs ratio, training forward (model + exits) / model", "value": flops, "target": "floor", "ok": None},
-        {
-            "row": "Training-step time ratio sd / plain (median)",
-            "value": step,
-            "target": f"<= {TARGETS['step_time_vs_flops']:.2f} x FLOPs ratio = {step_bound:.2f}",
-            "ok": step <= step_bound,
-        },
-        {
-            "row": "Peak training memory ratio sd / plain (median)",
-            "value": mem,
-            "target": f"<= {TARGETS['peak_memory_ratio']:.2f}",
-            "ok": mem <= TARGETS["peak_memory_ratio"],
-        },
-        {
-            "row": "Inference latency ratio, exits unused (median)",
-            "value": inf,
-            "target": f"1.00 (+-{inf_tol:.2f}: max(0.03, 2 x A/A))",
-            "ok": abs(inf - TARGETS["inference_ratio"]) <= inf_tol,
-        },
-    ] + (
-        []
-        if aa is None
-        else [{"row": "Inference A/A ratio, plain / plain copy (noise floor)", "value": aa, "target": "-", "ok": None}]
-    )
+def cost_summary(cost: Dict[str, Any]) -> Dict[str, Dict[str, float]]:
+    """Per arm: step-time, memory and FLOPs ratios vs CE."""
+    return {
+        arm: {
+            "step": cost["train_step"]["ratio_vs_ce"][arm],
+            "memory": cost["peak_memory"]["ratio_vs_ce"][arm],
+            "flops": cost["flops"]["ratio_vs_ce"][arm],
+        }
+        for arm in cost["train_step"]["ratio_vs_ce"]
+    }
 
 
-def _fmt(x: float, unit: str) -> str:
-    sign = "+" if unit == "points" and x > 0 else ""
-    return f"{sign}{x:.2f}"
+def _pm(st: Dict[str, Any], signed: bool = False) -> str:
+    fmt = "{:+.2f}" if signed else "{:.2f}"
+    seeds = ", ".join(fmt.format(v) for v in st["per_seed"])
+    return f"{fmt.format(st['mean'])} ± {st['std']:.2f} ({seeds})"
 
 
 def render_markdown(acc: Dict[str, Any], cost: Optional[Dict[str, Any]], meta: Dict[str, Any]) -> str:
-    """The Results table (accuracy, then cost) as Markdown."""
-    seeds = acc["seeds"]
+    """The Results tables (accuracy per arm, then cost per arm) as Markdown."""
     lines = [f"### Results: {meta['title']}", ""]
-    if acc["rows"]:
-        lines.append("| | " + " | ".join(f"seed {s}" for s in seeds) + " | mean +- std | min / max |")
-        lines.append("|" + "---|" * (len(seeds) + 3))
-    for r in acc["rows"]:
-        cells = " | ".join(_fmt(v, r["unit"]) for v in r["per_seed"])
-        lines.append(
-            f"| {r['row']} ({r['unit']}) | {cells} | {_fmt(r['mean'], r['unit'])} +- {r['std']:.2f} | "
-            f"{_fmt(r['min'], r['unit'])} / {_fmt(r['max'], r['unit'])} |"
-        )
+    if acc["arms"]:
+        lines += [
+            f"Top-1 (%) on the test set, mean ± std over seeds {acc['seeds']} (per seed in brackets); "
+            "relative error reduction vs CE of the deepest classifier (the unmodified model).",
+            "",
+            "| arm | deepest top-1 | ensemble top-1 | per exit (mean) | Δ deepest vs CE (points) | "
+            "rel. error reduction vs CE (%) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for row in acc["arms"]:
+            t = row["top1"]
+            exits = " / ".join(f"{t[k]['mean']:.2f}" for k in t if k.startswith("exit")) or "-"
+            ens = _pm(t["ensemble"]) if "ensemble" in t else "-"
+            gain = _pm(row["deepest_gain_vs_ce"], True) if "deepest_gain_vs_ce" in row else "-"
+            rer = _pm(row["deepest_error_reduction_vs_ce"], True) if "deepest_error_reduction_vs_ce" in row else "-"
+            lines.append(f"| {row['arm']} | {_pm(t['deepest'])} | {ens} | {exits} | {gain} | {rer} |")
     if cost is not None:
-        lines += ["", "| Cost | value | target | met |", "|---|---|---|---|"]
-        for r in cost_rows(cost):
-            ok = "-" if r["ok"] is None else ("yes" if r["ok"] else "**no**")
-            lines.append(f"| {r['row']} | {r['value']:.3f}x | {r['target']} | {ok} |")
-        f, t, m, i = cost["flops"], cost["train_step"], cost["peak_memory"], cost["inference"]
+        t, m = cost["train_step"], cost["peak_memory"]
         lines += [
             "",
-            f"FLOPs/image: plain {f['plain_gflops_per_image'] * 1e3:.1f} M, exits "
-            + ", ".join(f"{g * 1e3:.2f} M" for g in f["exit_gflops_per_image"])
-            + f" (mmengine FlopAnalyzer, 1 multiply-add = 1 FLOP). Step time (median of {t['rounds']} ABBA-interleaved "
-            f"steps, batch {t['batch_size']}): plain {t['plain_median_s'] * 1e3:.1f} ms, "
-            f"sd {t['sd_median_s'] * 1e3:.1f} ms. "
-            f"Peak memory (peak-RSS growth in fresh processes, median of {m['repeats']}): plain "
-            f"{m['plain_mib']:.0f} MiB, sd {m['sd_mib']:.0f} MiB. Inference (eval, deepest, batch {i['batch_size']}): "
-            f"plain {i['plain_median_s'] * 1e3:.1f} ms, sd {i['sd_median_s'] * 1e3:.1f} ms.",
+            f"Cost vs CE, in one process: training-step time (median of {t['rounds']} per-round ratios, all arms "
+            f"interleaved on the same batches of {t['batch_size']}), peak training memory (peak-RSS growth in fresh "
+            f"processes, median of {m['repeats']}), training-forward FLOPs (mmengine FlopAnalyzer). "
+            f"Target: step time <= {STEP_TIME_TARGET:.2f}x.",
+            "",
+            "| arm | step time | (median step) | peak memory | FLOPs |",
+            "|---|---|---|---|---|",
         ]
+        for arm, r in cost_summary(cost).items():
+            lines.append(
+                f"| {arm} | {r['step']:.3f}x | {t['median_s'][arm] * 1e3:.1f} ms | {r['memory']:.3f}x | "
+                f"{r['flops']:.3f}x |"
+            )
     lines += ["", meta["recipe"]]
     return "\n".join(lines) + "\n"
 
@@ -196,55 +179,60 @@ def save_json(path: Path, payload: Dict[str, Any]) -> None:
     path.write_text(json.dumps(clean(payload), indent=2) + "\n")
 
 
-def _curves(runs: List[Dict[str, Any]], arm: str) -> List[Tuple[List[int], List[float]]]:
-    out = []
-    for run in runs:
-        if run["arm"] != arm or not run["history"]:
-            continue
-        accs = [exit_accuracies(h) for h in run["history"]]
-        if arm == "sd":
-            ys = [a.get("deepest", a[_exit_order([k for k in a if k.startswith("exit")])[-1]]) for a in accs]
-        else:
-            ys = [a["deepest"] for a in accs]
-        out.append(([int(h["epoch"]) for h in run["history"]], ys))
-    return out
-
-
 def plot(path: Path, acc: Dict[str, Any], runs: List[Dict[str, Any]], title: str) -> None:
-    """Per-exit top-1 (mean, min-max bars) against the plain model, and val top-1 per epoch of both arms."""
+    """Deepest and ensemble top-1 per arm (mean, min-max bars) and the validation curves of every arm."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    rows = {r["row"]: r for r in acc["rows"]}
-    plain = rows["Plain model top-1"]
-    sd_rows = [r for r in acc["rows"] if r["row"].startswith("Self-distillation top-1")]
-    labels = [
-        r["row"].split(", ", 1)[1].replace(" (unmodified model)", "").replace(" of all exits", "") for r in sd_rows
-    ]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    xs = list(range(len(sd_rows)))
-    means = [r["mean"] for r in sd_rows]
-    err = [[r["mean"] - r["min"] for r in sd_rows], [r["max"] - r["mean"] for r in sd_rows]]
-    ax1.bar(xs, means, yerr=err, capsize=4, color="tab:orange", alpha=0.85, label="self-distillation")
-    ax1.axhline(plain["mean"], color="tab:blue", lw=2, label=f"plain model ({plain['mean']:.2f} %)")
-    ax1.axhspan(plain["min"], plain["max"], color="tab:blue", alpha=0.15)
-    ax1.set_xticks(xs, labels)
-    lo = min(min(r["min"] for r in sd_rows), plain["min"])
-    ax1.set_ylim(max(0.0, lo - 5), min(100.0, max(max(r["max"] for r in sd_rows), plain["max"]) + 3))
+    rows = acc["arms"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.4))
+    xs = list(range(len(rows)))
+    for offset, key, color in ((-0.2, "deepest", "tab:blue"), (0.2, "ensemble", "tab:orange")):
+        pts = [(x, r["top1"][key]) for x, r in zip(xs, rows) if key in r["top1"]]
+        if pts:
+            ax1.bar(
+                [x + offset for x, _ in pts],
+                [st["mean"] for _, st in pts],
+                width=0.4,
+                yerr=[[st["mean"] - st["min"] for _, st in pts], [st["max"] - st["mean"] for _, st in pts]],
+                capsize=3,
+                color=color,
+                label=key,
+            )
+    lo = min(r["top1"]["deepest"]["min"] for r in rows)
+    hi = max(max(st["max"] for st in r["top1"].values()) for r in rows)
+    ax1.set_ylim(max(0.0, lo - 4), min(100.0, hi + 2))
+    ax1.set_xticks(xs, [r["arm"] for r in rows], rotation=30)
     ax1.set_ylabel("test top-1 (%)")
-    ax1.set_title(f"Per-exit top-1 (mean, min/max over {len(acc['seeds'])} seeds)")
+    ax1.set_title(f"Top-1 per arm (mean, min/max over {len(acc['seeds'])} seeds)")
     ax1.legend(loc="lower right")
-    for arm, color, name in (("plain", "tab:blue", "plain"), ("sd", "tab:orange", "self-distillation, deepest")):
-        for i, (ep, ys) in enumerate(_curves(runs, arm)):
-            ax2.plot(ep, ys, color=color, marker="o", ms=3, alpha=0.8, label=name if i == 0 else None)
+    colors = plt.get_cmap("tab10")
+    for i, row in enumerate(rows):
+        first = True
+        for run in runs:
+            if run["arm"] != row["arm"] or not run.get("history"):
+                continue
+            ys = [
+                _final([{**run, "test": h, "history": [h]}], row["arm"])[run["seed"]]["deepest"] for h in run["history"]
+            ]
+            ax2.plot(
+                [int(h["epoch"]) for h in run["history"]],
+                ys,
+                color=colors(i % 10),
+                marker="o",
+                ms=3,
+                alpha=0.8,
+                label=row["arm"] if first else None,
+            )
+            first = False
     ax2.set_xlabel("epoch")
     ax2.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax2.set_ylabel("validation top-1 (%)")
-    ax2.set_title("Training curves (fixed test subset, one line per seed)")
-    ax2.legend(loc="lower right")
+    ax2.set_ylabel("validation top-1, deepest (%)")
+    ax2.set_title("Training curves (fixed validation subset, one line per seed)")
+    ax2.legend(loc="lower right", fontsize=8)
     ax2.grid(alpha=0.3)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()

@@ -17,9 +17,11 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
-from _bench_cost import TrainArm
-from _bench_data import DataSplits
 from torch.utils.data import DataLoader, Dataset
+
+from tools.bench.arms import parse_arm
+from tools.bench.cost import TrainArm
+from tools.bench.data import DataSplits
 
 __all__ = ["MODEL_DESCRIPTION", "arm_spec", "train_run", "build_arm", "sample_batches", "flops_inputs", "plain_forward"]
 
@@ -40,11 +42,16 @@ def arm_spec(
     batch_size: Optional[int] = None,
     sd_options: Optional[Dict[str, Any]] = None,
 ) -> Dict[str, Any]:
-    """Picklable description of one arm (see ``_bench_mmpretrain.arm_spec`` for the arguments)."""
-    if arm not in ("plain", "sd"):
-        raise ValueError(f"arm must be 'plain' or 'sd', got {arm!r}.")
+    """Picklable description of one arm (see ``tools.bench.mmpretrain_route.arm_spec`` for the arguments)."""
+    recipe = parse_arm(arm)
+    if recipe.pskd or recipe.class_pairs:
+        raise ValueError(
+            f"arm {arm!r}: PS-KD and CS-KD need sample indices / a class-pair sampler, which the benchmark's timm "
+            "route does not have; use --route mmpretrain, or tools/train_timm.py --pskd / --cs-kd."
+        )
     return {
-        "arm": arm,
+        "arm": recipe.name,
+        "recipe": recipe,
         "splits": splits,
         "epochs": epochs,
         "seed": seed,
@@ -100,9 +107,10 @@ def _model(spec: Dict[str, Any], arm: str) -> nn.Module:
 
     w = spec["width"]
     model = timm.create_model("resnet18", num_classes=10, channels=(w, 2 * w, 4 * w, 8 * w), stem_width=w)
-    if arm == "plain":
+    recipe = spec["recipe"]
+    if not recipe.self_distill_model:
         return model
-    return sd_plugin.wrap(model, input_size=(3, 32, 32), **spec.get("sd_options", {}))
+    return sd_plugin.wrap(model, input_size=(3, 32, 32), **{**recipe.options, **spec.get("sd_options", {})})
 
 
 class _Trainer:
@@ -117,7 +125,14 @@ class _Trainer:
         self.arm = arm
         self.model = _model(spec, arm)
         self.optimizer = create_optimizer_v2(self.model, opt="sgd", lr=_LR, weight_decay=_WD, momentum=_MOMENTUM)
-        self.criterion: nn.Module = sd_plugin.SelfDistillLoss() if arm == "sd" else nn.CrossEntropyLoss()
+        recipe = spec["recipe"]
+        self.criterion: nn.Module = (
+            sd_plugin.SelfDistillLoss(
+                label_smoothing=recipe.label_smoothing, **{**recipe.options, **spec.get("sd_options", {})}
+            )
+            if recipe.self_distill_model
+            else nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+        )
 
     def step(self, batch: Tuple[torch.Tensor, torch.Tensor]) -> float:
         x, y = batch
@@ -133,7 +148,7 @@ def _evaluate(model: nn.Module, arm: str, loader: DataLoader) -> Dict[str, float
     from sd_plugin.deploy.calibrate import collect_exit_logits
 
     model.eval()
-    if arm == "plain":
+    if not hasattr(model, "exit_points"):  # the plain timm model
         correct = total = 0
         for x, y in loader:
             correct += int((model(x).argmax(dim=1) == y).sum())
@@ -143,8 +158,8 @@ def _evaluate(model: nn.Module, arm: str, loader: DataLoader) -> Dict[str, float
     top1 = data.top1().tolist()
     out = {f"exit{k + 1}/top1": v for k, v in enumerate(top1[:-1])}
     out["deepest/top1"] = top1[-1]
-    # Mean softmax over all exits and the deepest classifier (BYOT's ensemble, SelfDistillOutput.ensemble_probs).
-    ensemble = data.logits.float().softmax(dim=-1).mean(dim=0)
+    # Softmax of the mean logits of all exits and the deepest classifier (BYOT's ensemble, as ensemble_probs).
+    ensemble = data.logits.float().mean(dim=0).softmax(dim=-1)
     out["ensemble/top1"] = float((ensemble.argmax(dim=1) == data.targets).float().mean() * 100)
     return out
 

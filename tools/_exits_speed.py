@@ -1,0 +1,138 @@
+"""Wall-clock speed of early exit for ``tools/analyze_exits.py``: eager PyTorch and the ONNX cascade.
+
+Every figure is a ratio of medians of interleaved runs on the same images: the
+deepest classifier (plain model) against early exit, at batch 1 and batch 32, in
+PyTorch eager mode and on ONNX Runtime (the plain model's ONNX export against the
+cascade of :mod:`sd_plugin.deploy.onnx_cascade`). An A/A pair (the plain model
+timed twice under two names) gives the noise floor of the ratios. The ideal is
+the FLOPs-weighted speed-up for the measured exit shares: plain FLOPs over the
+average FLOPs spent per image (exits evaluated before the answering one included).
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional
+
+import torch
+import torch.nn as nn
+
+from sd_plugin.deploy import EarlyExitModel, ExitPolicy, export_onnx, truncate
+
+__all__ = ["interleaved", "measure_speed"]
+
+
+def interleaved(fns: Mapping[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> Dict[str, List[float]]:
+    """Seconds of each function per repeat, calling all of them in turn in every repeat (after ``warmup`` rounds)."""
+    times: Dict[str, List[float]] = {name: [] for name in fns}
+    with torch.inference_mode():
+        for r in range(warmup + repeats):
+            for name, fn in fns.items():
+                start = time.perf_counter()
+                fn()
+                if r >= warmup:
+                    times[name].append(time.perf_counter() - start)
+    return times
+
+
+def _ratio(times: Dict[str, List[float]], num: str, den: str) -> float:
+    return statistics.median(times[num]) / statistics.median(times[den])
+
+
+def _images(name: str, singles: List[torch.Tensor], batches: List[torch.Tensor]) -> int:
+    return len(singles) if name.endswith("b1") else sum(len(b) for b in batches)
+
+
+def _ort_session(path: Path, threads: int) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def measure_speed(
+    model: nn.Module,
+    policy: ExitPolicy,
+    images: torch.Tensor,
+    *,
+    repeats: int,
+    num_singles: int = 64,
+    onnx: bool = True,
+    threads: int = 0,
+    workdir: Optional[Path] = None,
+) -> Dict[str, Any]:
+    """Speed-ups of early exit over the plain model at batch 1 and 32 (eager and, optionally, ONNX Runtime).
+
+    Args:
+        model: The model with exits (eval mode).
+        policy: The thresholds.
+        images: Test images (preprocessed); batch 32 uses all of them in chunks of 32, batch 1 the first
+            ``num_singles``.
+        repeats: Timed rounds (medians reported).
+        onnx: Also time the ONNX cascade against the plain model's ONNX export.
+        threads: ONNX Runtime intra-op threads (0: its default).
+        workdir: Where the ONNX files go (default: a temporary folder).
+    """
+    ee = EarlyExitModel(model, policy).eval()
+    deep = truncate(model, exit="deepest")
+    batches = [b for b in images.split(32) if len(b) == 32] or [images]
+    singles = [x[None] for x in images[:num_singles]]
+    fns: Dict[str, Callable[[], Any]] = {
+        "plain_b32": lambda: [deep(b) for b in batches],
+        "ee_b32": lambda: [ee(b) for b in batches],
+        "aa_b32": lambda: [deep(b) for b in batches],
+        "plain_b1": lambda: [deep(x) for x in singles],
+        "ee_b1": lambda: [ee(x) for x in singles],
+        "aa_b1": lambda: [deep(x) for x in singles],
+    }
+    tmp = None
+    if onnx:
+        from sd_plugin.deploy.onnx_cascade import OnnxCascade, export_cascade
+
+        if workdir is None:
+            tmp = tempfile.TemporaryDirectory()
+            workdir = Path(tmp.name)
+        plain_path = export_onnx(deep, images[:2], workdir / "plain.onnx")
+        export_cascade(model, images[:4], workdir / "cascade", policy)
+        plain = _ort_session(plain_path, threads)
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        cascade = OnnxCascade(workdir / "cascade", session_options=opts)
+        np_batches = [b.numpy() for b in batches]
+        np_singles = [x.numpy() for x in singles]
+        fns.update(
+            {
+                "onnx_plain_b32": lambda: [plain.run(None, {"images": b}) for b in np_batches],
+                "onnx_cascade_b32": lambda: [cascade(b) for b in np_batches],
+                "onnx_plain_b1": lambda: [plain.run(None, {"images": x}) for x in np_singles],
+                "onnx_cascade_b1": lambda: [cascade(x) for x in np_singles],
+            }
+        )
+    try:
+        times = interleaved(fns, repeats)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    out: Dict[str, Any] = {
+        "speedup_b1": _ratio(times, "plain_b1", "ee_b1"),
+        "speedup_b32": _ratio(times, "plain_b32", "ee_b32"),
+        "aa_b1": _ratio(times, "plain_b1", "aa_b1"),
+        "aa_b32": _ratio(times, "plain_b32", "aa_b32"),
+        "ms_per_image": {k: 1e3 * statistics.median(v) / _images(k, singles, batches) for k, v in times.items()},
+        "images_b1": len(singles),
+        "images_b32": sum(len(b) for b in batches),
+        "repeats": repeats,
+    }
+    if onnx:
+        out["onnx_speedup_b1"] = _ratio(times, "onnx_plain_b1", "onnx_cascade_b1")
+        out["onnx_speedup_b32"] = _ratio(times, "onnx_plain_b32", "onnx_cascade_b32")
+        out["onnx_vs_eager_plain_b32"] = _ratio(times, "plain_b32", "onnx_plain_b32")
+    return out

@@ -1,0 +1,88 @@
+"""Benchmark arms: names such as ``ce``, ``ls``, ``byot``, ``byot+ls``, ``pskd``, ``cskd+ls`` and what they train.
+
+An arm is ``+``-joined components: ``ce`` (plain cross-entropy, alone), ``ls``
+(label smoothing 0.1 on every label loss), ``byot`` (exits with sd_plugin's
+defaults), ``byotv1`` (exits with sd_plugin 0.1's hint: per-sample L2 mean,
+weight 0.03), ``pskd`` (PS-KD, a_T = 0.8), ``cskd`` (CS-KD, weight 1, T = 4,
+class-pair sampler) and ``tfkd`` (Tf-KD-reg, weight 0.1, T = 20). Methods
+without ``byot`` run on the same model with no exits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Sequence
+
+__all__ = ["BASELINE_ARM", "ArmRecipe", "parse_arm", "parse_arms", "COMPONENTS", "LEGACY_NAMES", "LABEL_SMOOTHING"]
+
+LABEL_SMOOTHING = 0.1
+#: The arm every other is compared with.
+BASELINE_ARM = "ce"
+#: Options each component sets on ``SelfDistillConfig`` (the methods' published defaults; see docs/configuration.md).
+COMPONENTS: Dict[str, Dict[str, Any]] = {
+    "ce": {},
+    "ls": {},
+    "byot": {},
+    "byotv1": {"hint_form": "mean", "hint_weight": 0.03},
+    "pskd": {"pskd_alpha": 0.8},
+    "cskd": {"cskd_weight": 1.0, "cskd_temperature": 4.0},
+    "tfkd": {"tfkd_weight": 0.1, "tfkd_temperature": 20.0},
+}
+#: Names of the two-arm benchmark before ``--arms`` existed.
+LEGACY_NAMES = {"plain": "ce", "sd": "byot"}
+
+
+@dataclass(frozen=True)
+class ArmRecipe:
+    """What an arm trains: exits or not, label smoothing, and the self-distillation options."""
+
+    name: str
+    exits: bool
+    label_smoothing: float
+    options: Dict[str, Any] = field(default_factory=dict)
+    class_pairs: bool = False
+    pskd: bool = False
+
+    @property
+    def self_distill_model(self) -> bool:
+        """Needs the self-distillation model (exits or a method), not the plain one."""
+        return self.exits or bool(self.options)
+
+
+def parse_arm(name: str) -> ArmRecipe:
+    """The recipe of an arm name (see the module docstring)."""
+    canonical = LEGACY_NAMES.get(name, name)
+    parts = canonical.split("+")
+    unknown = [p for p in parts if p not in COMPONENTS]
+    if unknown or len(set(parts)) != len(parts) or not parts:
+        raise ValueError(
+            f"arm {name!r}: expected '+'-joined components from {sorted(COMPONENTS)} without repeats "
+            f"(e.g. byot+ls), got unknown {unknown}."
+        )
+    if "ce" in parts and len(parts) > 1:
+        raise ValueError(f"arm {name!r}: 'ce' is the plain baseline and stands alone; drop it (e.g. 'ls').")
+    if "byot" in parts and "byotv1" in parts:
+        raise ValueError(f"arm {name!r}: choose one of byot and byotv1.")
+    options: Dict[str, Any] = {}
+    for p in parts:
+        options.update(COMPONENTS[p])
+    exits = "byot" in parts or "byotv1" in parts
+    if not exits and options:
+        options["exit_indices"] = []
+    return ArmRecipe(
+        name=canonical,
+        exits=exits,
+        label_smoothing=LABEL_SMOOTHING if "ls" in parts else 0.0,
+        options=options,
+        class_pairs="cskd" in parts,
+        pskd="pskd" in parts,
+    )
+
+
+def parse_arms(names: Sequence[str]) -> List[ArmRecipe]:
+    """Recipes of ``names`` (canonical, no duplicates)."""
+    recipes = [parse_arm(n) for n in names]
+    seen = [r.name for r in recipes]
+    if len(set(seen)) != len(seen):
+        raise ValueError(f"--arms has duplicates: {seen}.")
+    return recipes
