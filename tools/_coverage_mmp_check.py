@@ -147,18 +147,18 @@ def check_config(model: Dict[str, Any], own: Size, small: int, max_params: float
         if sum(p.numel() for p in sd.parameters()) > max_params:
             return too_big
         inputs, samples = _batch(sd, size, True, 0)
-        plain = None
-        for device in ("meta", "cpu"):
+        try:
             try:
-                candidate = _plain_like(sd, plain_cfg, device)
-                plain_loss = _plain_loss(candidate, inputs, samples)
-                plain = candidate
-                break
-            except Exception as e:  # noqa: BLE001 - on CPU next, then the next size
-                error = f"at {size[0]}x{size[1]}: {type(e).__name__}: {e}"[:300]
-        if plain is not None:
+                plain = _plain_like(sd, plain_cfg, "meta")
+                plain_loss = _plain_loss(plain, inputs, samples)
+            except Exception as e:  # noqa: BLE001 - not buildable on meta (or a tensor left there): on CPU
+                if "meta" not in str(e) and not isinstance(e, (KeyError, NotImplementedError)):
+                    raise
+                plain = _plain_like(sd, plain_cfg, "cpu")
+                plain_loss = _plain_loss(plain, inputs, samples)
             break
-        errors.append(error)
+        except Exception as e:  # noqa: BLE001 - the next size, or the report
+            errors.append(f"at {size[0]}x{size[1]}: {type(e).__name__}: {e}"[:300])
     else:
         return dict(status=BROKEN, error=f"plain ImageClassifier {errors[-1]}"[:400], errors=errors)
     result: Dict[str, Any] = dict(

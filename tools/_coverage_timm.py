@@ -27,8 +27,9 @@ def num_params_meta(name: str) -> int:
 
 
 def select(pattern: str, sample: int, seed: int, per_module: bool) -> Dict[str, str]:
-    """Architectures to check, each with why: the seeded sample, plus (``per_module``) the smallest architecture
-    (fewest parameters, counted on the meta device) of every timm module the sample leaves out."""
+    """Architectures to check, each with why: the seeded sample, plus (``per_module``) for every timm module the
+    sample leaves out, the architecture with the fewest parameters (counted on the meta device) among the six
+    whose names look smallest."""
     names = timm.list_models(pattern)
     chosen = sorted(random.Random(seed).sample(names, sample)) if 0 < sample < len(names) else list(names)
     why = {n: "sample" for n in chosen}
@@ -37,7 +38,7 @@ def select(pattern: str, sample: int, seed: int, per_module: bool) -> Dict[str, 
         for module in timm.list_modules():
             if module in covered:
                 continue
-            candidates = timm.list_models(pattern, module=module)
+            candidates = sorted(timm.list_models(pattern, module=module), key=_smallness)[:6]
             sized = []
             for n in candidates:
                 try:
@@ -47,6 +48,15 @@ def select(pattern: str, sample: int, seed: int, per_module: bool) -> Dict[str, 
             if sized:
                 why[min(sized)[1]] = "module"
     return why
+
+
+_SMALL_WORDS = ("test", "atto", "femto", "pico", "nano", "xxs", "xs", "tiny", "small", "mini", "050", "s0", "b0", "18")
+
+
+def _smallness(name: str) -> Tuple[int, int, str]:
+    """Sort key: names with a smaller-model word (earlier in the list) first, then shorter names."""
+    rank = next((i for i, w in enumerate(_SMALL_WORDS) if w in name), len(_SMALL_WORDS))
+    return rank, len(name), name
 
 
 def own_input_size(model: nn.Module) -> Size:
