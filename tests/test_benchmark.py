@@ -1,4 +1,4 @@
-"""tools/benchmark.py: data subsets, table maths, interleaved timing, FLOPs, and (slow) the --quick run end to end."""
+"""tools/benchmark.py: arms, data subsets, table maths, interleaved timing, FLOPs, and (slow) --quick end to end."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ import pytest
 import torch
 import torch.nn as nn
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tools"))
+from tools import benchmark
+from tools.bench import arms as _bench_arms
+from tools.bench import cost as _bench_cost
+from tools.bench import data as _bench_data
+from tools.bench import report as _bench_report
 
-import _bench_cost  # noqa: E402
-import _bench_data  # noqa: E402
-import _bench_report  # noqa: E402
-import benchmark  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 MINI = REPO / "demo_data" / "cifar10_mini"
 
@@ -83,57 +83,57 @@ def test_exit_accuracies_reads_both_metric_styles() -> None:
     assert _bench_report.exit_accuracies({"accuracy/top1": 81.5, "epoch": 3}) == {"deepest": 81.5}
 
 
-def _runs(plain: List[float], deepest: List[float]) -> List[Dict[str, Any]]:
+def _runs(ce: List[float], deepest: List[float]) -> List[Dict[str, Any]]:
     runs = []
-    for seed, (p, d) in enumerate(zip(plain, deepest)):
-        runs.append({"arm": "plain", "seed": seed, "history": [{"epoch": 1, "accuracy/top1": p}], "test": {}})
+    for seed, (p, d) in enumerate(zip(ce, deepest)):
+        runs.append({"arm": "ce", "seed": seed, "history": [{"epoch": 1, "accuracy/top1": p}], "test": {}})
         sd = {"exit1/top1": d - 20, "exit2/top1": d - 10, "deepest/top1": d, "ensemble/top1": d + 1}
-        runs.append({"arm": "sd", "seed": seed, "history": [{"epoch": 1, **sd}], "test": {}})
+        runs.append({"arm": "byot", "seed": seed, "history": [{"epoch": 1, **sd}], "test": {}})
+        alone = {"multi-exit/deepest_top1": p + 1, "multi-exit/ensemble_top1": p + 1}  # no exits: ensemble = deepest
+        runs.append({"arm": "pskd", "seed": seed, "history": [], "test": alone})
     return runs
 
 
-def test_accuracy_rows_gain_and_error_reduction() -> None:
-    plain, deepest = [80.0, 78.0], [82.0, 79.0]
-    acc = _bench_report.accuracy_rows(_runs(plain, deepest))
-    rows = {r["row"]: r for r in acc["rows"]}
+def test_arm_results_gain_and_error_reduction_vs_ce() -> None:
+    ce, deepest = [80.0, 78.0], [82.0, 79.0]
+    acc = _bench_report.arm_results(_runs(ce, deepest), ["ce", "byot", "pskd"])
     assert acc["seeds"] == [0, 1]
-    gain = rows["Deepest-exit gain over plain"]
-    assert gain["per_seed"] == pytest.approx([d - p for p, d in zip(plain, deepest)])
+    rows = {r["arm"]: r for r in acc["arms"]}
+    assert list(rows["byot"]["top1"]) == ["exit1", "exit2", "deepest", "ensemble"]
+    assert list(rows["pskd"]["top1"]) == ["deepest"]  # an arm without exits has no ensemble
+    gain = rows["byot"]["deepest_gain_vs_ce"]
+    assert gain["per_seed"] == pytest.approx([d - p for p, d in zip(ce, deepest)])
     assert gain["mean"] == pytest.approx(sum(gain["per_seed"]) / 2)
-    red = rows["Relative error reduction (deepest vs plain)"]["per_seed"]
-    assert red == pytest.approx([100 * (d - p) / (100 - p) for p, d in zip(plain, deepest)])
-    sd_rows = [r["row"] for r in acc["rows"] if r["row"].startswith("Self-distillation")]
-    assert [r.split(", ", 1)[1] for r in sd_rows] == [
-        "exit 1",
-        "exit 2",
-        "deepest exit (unmodified model)",
-        "ensemble of all exits",
-    ]
+    red = rows["byot"]["deepest_error_reduction_vs_ce"]["per_seed"]
+    assert red == pytest.approx([100 * (d - p) / (100 - p) for p, d in zip(ce, deepest)])
+    ens = rows["byot"]["ensemble_error_reduction_vs_ce"]["per_seed"]
+    assert ens == pytest.approx([100 * (d + 1 - p) / (100 - p) for p, d in zip(ce, deepest)])
+    assert rows["ce"]["deepest_gain_vs_ce"]["per_seed"] == [0.0, 0.0]
+    table = _bench_report.render_markdown(acc, None, {"title": "t", "recipe": "r"})
+    assert "| byot | 80.50 ± 2.12 (82.00, 79.00) |" in table
 
 
-def test_accuracy_rows_needs_both_arms() -> None:
-    runs = [r for r in _runs([80.0], [81.0]) if r["arm"] == "plain"]
-    with pytest.raises(ValueError, match="both arms"):
-        _bench_report.accuracy_rows(runs)
+def test_arm_results_keep_only_seeds_every_arm_finished() -> None:
+    runs = [r for r in _runs([80.0, 70.0], [81.0, 71.0]) if not (r["arm"] == "pskd" and r["seed"] == 1)]
+    acc = _bench_report.arm_results(runs, ["ce", "byot", "pskd"])
+    assert acc["seeds"] == [0]
 
 
-def test_cost_rows_apply_targets() -> None:
-    cost = {
-        "flops": {"flops_ratio": 1.2},
-        "train_step": {"median_pair_ratio": 1.35},
-        "peak_memory": {"ratio": 1.1},
-        "inference": {"median_pair_ratio": 1.01},
-    }
-    ok = [r["ok"] for r in _bench_report.cost_rows(cost)]
-    assert ok == [None, False, True, True]  # 1.35 > 1.10 * 1.2
-    cost["train_step"]["median_pair_ratio"] = 1.3
-    assert _bench_report.cost_rows(cost)[1]["ok"] is True
-    # Inference: a gap within twice the A/A (plain vs plain copy) gap is noise, not a cost.
-    cost["inference"]["median_pair_ratio"] = 1.06
-    assert _bench_report.cost_rows(cost)[3]["ok"] is False
-    cost["inference"]["aa_median_pair_ratio"] = 0.96
-    rows = _bench_report.cost_rows(cost)
-    assert rows[3]["ok"] is True and rows[4]["value"] == 0.96
+def test_arm_names_parse_into_recipes() -> None:
+    r = _bench_arms.parse_arm("byot+ls")
+    assert r.exits and r.label_smoothing == 0.1 and r.options == {}
+    p = _bench_arms.parse_arm("pskd+ls")
+    assert not p.exits and p.pskd and p.options == {"pskd_alpha": 0.8, "exit_indices": []}
+    assert _bench_arms.parse_arm("cskd").class_pairs
+    assert not _bench_arms.parse_arm("ls").self_distill_model
+    assert _bench_arms.parse_arm("sd").name == "byot" and _bench_arms.parse_arm("plain").name == "ce"
+    for bad in ("ce+ls", "byot+byotv1", "mixsd", "ls+ls"):
+        with pytest.raises(ValueError, match="arm"):
+            _bench_arms.parse_arm(bad)
+    args = benchmark.parse_args(["--arms", "byot", "ls"])
+    assert args.arms == ["ce", "byot", "ls"]  # the baseline is always measured
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--arms", "byot", "sd"])  # 'sd' is byot: a duplicate
 
 
 def test_sd_option_parsing() -> None:
@@ -193,17 +193,24 @@ def test_exit_flops_rejects_models_without_exits() -> None:
 # ------------------------------------------------------------------------------------------------- end to end
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "route", [pytest.param("mmpretrain", marks=pytest.mark.mmpretrain), pytest.param("timm", marks=pytest.mark.timm)]
+    "route, arms",
+    [
+        pytest.param("mmpretrain", ["ce", "byot+ls", "pskd", "cskd", "tfkd"], marks=pytest.mark.mmpretrain),
+        pytest.param("timm", ["ce", "byot", "tfkd+ls"], marks=pytest.mark.timm),
+    ],
 )
-def test_quick_run_writes_every_row(route: str, tmp_path: Path) -> None:
+def test_quick_run_writes_every_arm(route: str, arms: List[str], tmp_path: Path) -> None:
     cmd = [
         sys.executable,
-        str(REPO / "tools" / "benchmark.py"),
+        "-m",
+        "tools.benchmark",
         "--route",
         route,
         "--quick",
+        "--arms",
+        *arms,
         "--data-root",
-        str(MINI),
+        str(REPO / "demo_data" / "cifar10_mini"),
         "--out-dir",
         str(tmp_path),
         "--figure-dir",
@@ -211,26 +218,25 @@ def test_quick_run_writes_every_row(route: str, tmp_path: Path) -> None:
         "--work-dir",
         str(tmp_path / "work"),
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     name = f"benchmark_{route}_quick"
     payload = json.loads((tmp_path / f"{name}.json").read_text())
     png = tmp_path / f"{name}.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    rows = [r["row"] for r in payload["accuracy"]["rows"]]
-    assert rows[0] == "Plain model top-1"
-    assert [r for r in rows if r.startswith("Self-distillation")][-2:] == [
-        "Self-distillation top-1, deepest exit (unmodified model)",
-        "Self-distillation top-1, ensemble of all exits",
-    ]
-    assert sum(r.startswith("Self-distillation top-1, exit ") for r in rows) == 3  # ResNet-18: exits after stages 1-3
-    assert rows[-2:] == ["Deepest-exit gain over plain", "Relative error reduction (deepest vs plain)"]
+    rows = {r["arm"]: r for r in payload["accuracy"]["arms"]}
+    assert list(rows) == arms
+    for arm, row in rows.items():
+        has_exits = arm.startswith("byot")
+        assert ("exit3" in row["top1"]) == has_exits and ("ensemble" in row["top1"]) == has_exits
+        assert "deepest_error_reduction_vs_ce" in row
     cost = payload["cost"]
-    assert cost["flops"]["flops_ratio"] > 1.0
-    for key in ("train_step", "inference"):
-        assert cost[key]["plain_median_s"] > 0 and cost[key]["sd_median_s"] > 0
-    assert cost["peak_memory"]["plain_mib"] > 0
+    for key in ("train_step", "peak_memory", "flops"):
+        assert set(cost[key]["ratio_vs_ce"]) == set(arms) and cost[key]["ratio_vs_ce"]["ce"] == pytest.approx(1.0)
+    exit_arm = [a for a in arms if a.startswith("byot")][0]
+    assert cost["flops"]["ratio_vs_ce"][exit_arm] > 1.0
+    assert all(cost["flops"]["ratio_vs_ce"][a] == pytest.approx(1.0) for a in arms if not a.startswith("byot"))
     table = (tmp_path / f"{name}.md").read_text()
-    for row in [*rows, "FLOPs ratio", "Training-step time ratio", "Peak training memory ratio", "Inference latency"]:
-        assert row in table
+    for arm in arms:
+        assert f"| {arm} |" in table
     assert table in proc.stdout  # the printed table is the saved one

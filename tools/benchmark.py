@@ -224,6 +224,8 @@ def measure_cost(route: ModuleType, args: argparse.Namespace, splits: DataSplits
             base.name, exit_arms[0].name, names = "plain", "sd", (base.name, exit_arms[0].name)
             breakdown = step_breakdown([base, exit_arms[0]], batches, rounds=args.step_rounds, warmup=args.warmup)
             base.name, exit_arms[0].name = names
+    print("[benchmark] inference latency (deepest classifier, exits unused) ...", flush=True)
+    infer = interleaved_times(arms, batches, rounds=2 * args.step_rounds, warmup=args.warmup, mode="infer")
     del arms, base
     print(f"[benchmark] peak memory ({args.memory_repeats} fresh processes per arm) ...", flush=True)
     mem: Dict[str, List[float]] = {a: [] for a in args.arms}
@@ -244,6 +246,14 @@ def measure_cost(route: ModuleType, args: argparse.Namespace, splits: DataSplits
             "rounds": args.step_rounds,
             "batch_size": int(x.shape[0]),
             "raw_s": step,
+        },
+        "inference": {
+            "ratio_vs_ce": {
+                a: statistics.median(x / y for x, y in zip(t, infer[BASELINE_ARM])) for a, t in infer.items()
+            },
+            "median_s": {a: statistics.median(t) for a, t in infer.items()},
+            "rounds": 2 * args.step_rounds,
+            "raw_s": infer,
         },
         "peak_memory": {
             "method": f"fresh spawned process per probe, model build + 3 training steps: {method}",

@@ -66,8 +66,8 @@ class SelfDistillConfig:
         exit_hidden_ratio: Width of an exit's bottleneck relative to its output
             width (BYOT: 1/4 in its "branchBottleNeck").
         predict_exit: What prediction returns: ``'deepest'`` (the unmodified
-            model, no extra cost), ``'ensemble'`` (mean of all exits' softmax,
-            BYOT Table 1's "ensemble"), or an int, the 1-based exit number
+            model, no extra cost), ``'ensemble'`` (BYOT Table 1's "ensemble",
+            see below), or an int, the 1-based exit number
             (``len(exit_indices) + 1`` is the deepest). The ensemble is the
             softmax of the mean of all classifiers' logits, as BYOT's released
             code computes it (``sum(outputs) / len(outputs)``).

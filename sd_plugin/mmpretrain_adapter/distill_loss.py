@@ -8,8 +8,8 @@ import torch
 import torch.nn as nn
 from mmpretrain.registry import MODELS
 
-from sd_plugin.core import SelfDistillOutput
 from sd_plugin.core import SelfDistillLoss as _CoreSelfDistillLoss
+from sd_plugin.core import SelfDistillOutput
 
 __all__ = ["SelfDistillLoss"]
 
@@ -32,6 +32,9 @@ class SelfDistillLoss(_CoreSelfDistillLoss):
     Args:
         config: A :class:`~sd_plugin.core.SelfDistillConfig`; or give its
             options (temperature, ce_weight, kd_weight, hint_weight, ...) as keywords.
+        label_smoothing: Only for the default cross-entropy, which ``SelfDistillClassifier``
+            never uses: it passes each head's own loss, so set label smoothing in the head
+            (``loss=dict(type='LabelSmoothLoss', label_smooth_val=0.1)``); it reaches every exit.
 
     Example:
         >>> loss = dict(type='SelfDistillLoss', temperature=3.0, kd_weight=0.3)

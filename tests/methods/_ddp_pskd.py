@@ -26,7 +26,13 @@ def global_batches():
     out = []
     for _ in range(STEPS):
         idx = torch.randperm(SAMPLES, generator=g)[: WORLD * HALF]
-        out.append((torch.randn(WORLD * HALF, FEATS, generator=g), torch.randint(0, CLASSES, (WORLD * HALF,), generator=g), idx))
+        out.append(
+            (
+                torch.randn(WORLD * HALF, FEATS, generator=g),
+                torch.randint(0, CLASSES, (WORLD * HALF,), generator=g),
+                idx,
+            )
+        )
     return out
 
 

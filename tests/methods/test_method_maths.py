@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sd_plugin.core import SelfDistillConfig, SelfDistillLoss, SelfDistillOutput, feature_hint, self_distill_losses
+from sd_plugin.core import SelfDistillConfig, SelfDistillLoss, SelfDistillOutput, feature_hint
 from sd_plugin.core.methods import class_pair_kd, pskd_term, tfkd_reg_term, tfkd_teacher
 
 

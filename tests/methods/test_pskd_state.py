@@ -38,13 +38,19 @@ def test_past_predictions_lookup_update_and_fallback():
 def test_save_and_resume_continues_bitwise(tmp_path):
     """Train 4 steps; or train 2, save model + optimiser + criterion, load into fresh objects, train 2: same bits."""
     g = torch.Generator().manual_seed(0)
-    data = [(torch.randn(4, 6, generator=g), torch.randint(0, 3, (4,), generator=g), torch.randperm(10, generator=g)[:4])
-            for _ in range(4)]
+    data = [
+        (torch.randn(4, 6, generator=g), torch.randint(0, 3, (4,), generator=g), torch.randperm(10, generator=g)[:4])
+        for _ in range(4)
+    ]
 
     def fresh():
         torch.manual_seed(0)
         model = torch.nn.Linear(6, 3)
-        return model, torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9), SelfDistillLoss(exit_indices=[], pskd_alpha=0.8)
+        return (
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9),
+            SelfDistillLoss(exit_indices=[], pskd_alpha=0.8),
+        )
 
     model, opt, loss_fn = fresh()
     straight = []

@@ -104,12 +104,13 @@ def arm_results(runs: List[Dict[str, Any]], arms: Sequence[str]) -> Dict[str, An
 
 
 def cost_summary(cost: Dict[str, Any]) -> Dict[str, Dict[str, float]]:
-    """Per arm: step-time, memory and FLOPs ratios vs CE."""
+    """Per arm: step-time, memory, FLOPs and inference-latency ratios vs CE."""
     return {
         arm: {
             "step": cost["train_step"]["ratio_vs_ce"][arm],
             "memory": cost["peak_memory"]["ratio_vs_ce"][arm],
             "flops": cost["flops"]["ratio_vs_ce"][arm],
+            "inference": cost["inference"]["ratio_vs_ce"][arm],
         }
         for arm in cost["train_step"]["ratio_vs_ce"]
     }
@@ -146,16 +147,17 @@ def render_markdown(acc: Dict[str, Any], cost: Optional[Dict[str, Any]], meta: D
             "",
             f"Cost vs CE, in one process: training-step time (median of {t['rounds']} per-round ratios, all arms "
             f"interleaved on the same batches of {t['batch_size']}), peak training memory (peak-RSS growth in fresh "
-            f"processes, median of {m['repeats']}), training-forward FLOPs (mmengine FlopAnalyzer). "
+            f"processes, median of {m['repeats']}), training-forward FLOPs (mmengine FlopAnalyzer), inference "
+            "latency of the deployed (deepest) classifier, exits unused (interleaved, eval mode). "
             f"Target: step time <= {STEP_TIME_TARGET:.2f}x.",
             "",
-            "| arm | step time | (median step) | peak memory | FLOPs |",
-            "|---|---|---|---|---|",
+            "| arm | step time | (median step) | peak memory | FLOPs | inference latency |",
+            "|---|---|---|---|---|---|",
         ]
         for arm, r in cost_summary(cost).items():
             lines.append(
                 f"| {arm} | {r['step']:.3f}x | {t['median_s'][arm] * 1e3:.1f} ms | {r['memory']:.3f}x | "
-                f"{r['flops']:.3f}x |"
+                f"{r['flops']:.3f}x | {r['inference']:.3f}x |"
             )
     lines += ["", meta["recipe"]]
     return "\n".join(lines) + "\n"
