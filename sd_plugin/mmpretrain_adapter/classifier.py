@@ -52,6 +52,13 @@ class SelfDistillClassifier(ImageClassifier):
     type and loss, ``in_channels`` set to the deepest head's). Features are read
     through forward hooks: the backbone config (``out_indices`` ...) is not touched.
 
+    Parameter names: the model's own keep theirs (``backbone.*``, ``neck.*``, ``head.*``), so the config's
+    ``optim_wrapper.paramwise_cfg`` gives them exactly what it gives them in an ``ImageClassifier``. The exits
+    are ``exit_necks.*`` and ``exit_heads.*``; mmengine matches ``custom_keys`` as substrings, so a ``'head'`` key
+    (e.g. a fine-tuning recipe's ``lr_mult=10`` for the new classifier) also applies to the exit heads, on purpose:
+    they are copies of the head trained from scratch like it; a ``'neck'`` key applies to the exit necks. Keys
+    ``'exit_heads'`` / ``'exit_necks'`` (longer keys win) set the exits apart, e.g. ``lr_mult=1.0`` to opt out.
+
     ``mode='loss'`` returns ``loss_ce`` (deepest head, its own loss) and
     ``exit{k}_loss_ce`` / ``exit{k}_loss_kd`` / ``exit{k}_loss_hint`` for every
     exit (k = 1 is the shallowest). ``mode='predict'``/``'tensor'`` run the

@@ -122,7 +122,8 @@ def _lr_by_name(model: torch.nn.Module, paramwise_cfg: Dict[str, Any]) -> Dict[s
 def test_paramwise_custom_keys_of_a_real_config() -> None:
     """A packaged fine-tuning config's ``custom_keys={'head': dict(lr_mult=10)}``: the model's parameters get exactly
     what they get in the plain ImageClassifier; the exit heads (copies of the head, trained from scratch like it)
-    match ``'head'`` too, deliberately; the exit necks do not; an ``'exit_heads'`` key (longer keys win) opts out."""
+    match ``'head'`` too, deliberately; the exit necks do not (``'neck'`` keys reach them); an ``'exit_heads'`` key
+    (longer keys win) opts out."""
     from mmengine import Config
 
     paramwise = Config.fromfile(packaged("csra/resnet101-csra_1xb16_voc07-448px.py")).optim_wrapper.paramwise_cfg
@@ -131,13 +132,15 @@ def test_paramwise_custom_keys_of_a_real_config() -> None:
     sd, plain = build_pair(load_model_cfg(RESNET_CIFAR))
     lr_sd, lr_plain = _lr_by_name(sd, paramwise), _lr_by_name(plain, paramwise)
     assert {n: lr_sd[n] for n in lr_plain} == lr_plain
-    assert {lr_plain[n] for n in lr_plain if n.startswith("head.")} == {pytest.approx(1.0)}
-    assert {lr_plain[n] for n in lr_plain if n.startswith("backbone.")} == {pytest.approx(0.1)}
-    assert {v for n, v in lr_sd.items() if n.startswith("exit_heads.")} == {pytest.approx(1.0)}
-    assert {v for n, v in lr_sd.items() if n.startswith("exit_necks.")} == {pytest.approx(0.1)}
+    assert {lr_plain[n] for n in lr_plain if n.startswith("head.")} == {0.1 * 10}
+    assert {lr_plain[n] for n in lr_plain if n.startswith("backbone.")} == {0.1}
+    assert {v for n, v in lr_sd.items() if n.startswith("exit_heads.")} == {0.1 * 10}
+    assert {v for n, v in lr_sd.items() if n.startswith("exit_necks.")} == {0.1}
 
     opt_out = {"custom_keys": {"head": {"lr_mult": 10}, "exit_heads": {"lr_mult": 1.0}}}
     lr_out = _lr_by_name(sd, opt_out)
     assert {n: lr_out[n] for n in lr_plain} == lr_plain
-    assert {v for n, v in lr_out.items() if n.startswith(EXIT_PREFIXES)} == {pytest.approx(0.1)}
-    assert NUM_CLASSES == sd.head.num_classes
+    assert {v for n, v in lr_out.items() if n.startswith(EXIT_PREFIXES)} == {0.1}
+    necks = _lr_by_name(sd, {"custom_keys": {"neck": {"lr_mult": 2}}})  # 'neck' keys reach the exit necks
+    assert {v for n, v in necks.items() if n.startswith("exit_necks.")} == {0.1 * 2}
+    assert sd.head.num_classes == NUM_CLASSES
