@@ -10,6 +10,7 @@ import torch
 from _mmp_helpers import NUM_CLASSES, batch, build_pair, load_model_cfg
 
 from sd_plugin.core import MultiExitModel, SelfDistillConfig, get_submodule, soft_cross_entropy
+from sd_plugin.core.losses import feature_hint, kd_kl_div
 
 pytestmark = pytest.mark.mmpretrain
 
@@ -53,8 +54,22 @@ def test_loss_terms_follow_the_core_maths(pair: Any) -> None:
         torch.testing.assert_close(
             losses[f"exit{k}_loss_ce"], cfg.ce_weight * soft_cross_entropy(out.exit_logits[k - 1], target)
         )
-    kd = losses["exit1_loss_kd"]
-    assert kd.requires_grad and kd.item() >= 0
+    # KD and hint: the teacher is the plain ImageClassifier with the same weights (logits; neck output as the
+    # features), computed here independently of the adapter's own forward.
+    sd_cfg = sd.sd_config
+    plain = pair[1].train()
+    teacher_logits = plain(inputs, mode="tensor")
+    teacher_features = plain.head.pre_logits(plain.extract_feat(inputs))
+    torch.testing.assert_close(out.logits, teacher_logits)
+    for k in range(1, sd.num_exits + 1):
+        kd = losses[f"exit{k}_loss_kd"]
+        hint = losses[f"exit{k}_loss_hint"]
+        assert kd.requires_grad and hint.requires_grad
+        want_kd = sd_cfg.kd_weight * kd_kl_div(out.exit_logits[k - 1], teacher_logits, sd_cfg.temperature)
+        want_hint = sd_cfg.hint_weight * feature_hint(out.exit_features[k - 1], teacher_features, sd_cfg.hint_form)
+        torch.testing.assert_close(kd, want_kd)
+        torch.testing.assert_close(hint, want_hint)
+        assert kd.item() > 0 and hint.item() > 0  # a random exit disagrees with the deepest classifier
 
 
 def test_distill_scale_scales_kd_and_hint_only(pair: Any) -> None:

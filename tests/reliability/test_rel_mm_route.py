@@ -114,7 +114,7 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, data_root, k
     assert max_abs_diff(a["params"], b["params"]) == 0.0
     momentum_a = [s["momentum_buffer"] for s in a["optim"]["state"].values()]
     momentum_b = [s["momentum_buffer"] for s in b["optim"]["state"].values()]
-    assert len(momentum_a) == len(a["params"])  # exits' optimizer state included
+    assert len(momentum_a) == len(momentum_b) == len(a["params"])  # both sides, exits' optimizer state included
     assert all(torch.equal(x, y) for x, y in zip(momentum_a, momentum_b))
 
 

@@ -124,13 +124,20 @@ def test_unwrap_round_trip_exact() -> None:
     sd_model = wrap(model, input_size=(3, 32, 32))
     sd_model.train()
     sd_model(X)  # a training forward must not leave hooks behind
+    sd_plugin.SelfDistillLoss()(sd_model(X), torch.arange(len(X)) % 2).backward()  # one real training step
+    torch.optim.SGD(sd_model.parameters(), lr=0.1).step()
     plain = unwrap(sd_model.eval())
     assert plain is model and sd_model.unwrap() is model
-    assert list(plain.state_dict()) == keys
+    # Nothing of sd_plugin is left: a freshly created timm model with the trained weights (strict) has the same
+    # modules and gives the same outputs, in eval and in train mode.
+    fresh = _resnet()
+    fresh.load_state_dict(plain.state_dict(), strict=True)
+    assert list(plain.state_dict()) == keys and type(plain) is type(fresh)
+    assert [n for n, _ in plain.named_modules()] == [n for n, _ in fresh.named_modules()]
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in plain.modules())
     with torch.no_grad():
-        model.load_state_dict(plain.state_dict())
-        assert torch.equal(sd_model(X), plain(X))
+        assert torch.equal(plain(X), fresh.eval()(X))
+        assert torch.equal(plain.train()(X), fresh.train()(X))
     with pytest.raises(TypeError, match="sd_plugin.wrap"):
         unwrap(model)
 
