@@ -13,7 +13,7 @@ from typing import Protocol, Sequence, runtime_checkable
 import torch
 import torch.nn as nn
 
-from .taps import ExitPoint
+from .engine import ExitEngine, ExitPoint
 
 __all__ = ["MultiExitModel"]
 
@@ -30,6 +30,11 @@ class MultiExitModel(Protocol):
 
     @property
     def exit_points(self) -> Sequence[ExitPoint]: ...
+
+    @property
+    def exit_engine(self) -> ExitEngine:
+        """The taps on :meth:`tapped_module`'s exit points (capture, run to exit k, intercept)."""
+        ...
 
     @property
     def num_exits(self) -> int: ...

@@ -54,22 +54,34 @@ def _model_name(model: nn.Module) -> str:
     return str(cfg.get("architecture") or type(model).__name__)
 
 
-def default_input_size(model: nn.Module) -> Tuple[int, int, int]:
-    """(C, H, W) the model was built for: ``patch_embed.img_size``, ``img_size``, else timm's data config."""
+def default_input_sizes(model: nn.Module) -> List[Tuple[int, int, int]]:
+    """(C, H, W) the model was built for, most likely first.
+
+    The size comes from ``patch_embed.img_size``, ``img_size``, else timm's data config. The channels from the first
+    convolution (a model made with ``in_chans=1``), then from the data config: the first convolution is not always
+    the first layer (TResNet's space-to-depth stem feeds it 16x the input channels).
+    """
     from timm.data import resolve_model_data_config
 
     cfg_size = tuple(resolve_model_data_config(model)["input_size"])
-    chans = int(cfg_size[0])
     first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    if first_conv is not None:
-        chans = int(first_conv.in_channels)
+    chans = [int(first_conv.in_channels)] if first_conv is not None else []
+    chans += [c for c in (int(cfg_size[0]),) if c not in chans]
+    hw = int(cfg_size[1]), int(cfg_size[2])
     for owner in (getattr(model, "patch_embed", None), model):
         size = getattr(owner, "img_size", None) if owner is not None else None
         if isinstance(size, int):
-            return chans, size, size
+            hw = size, size
+            break
         if isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(s, int) for s in size):
-            return chans, int(size[0]), int(size[1])
-    return chans, int(cfg_size[1]), int(cfg_size[2])
+            hw = int(size[0]), int(size[1])
+            break
+    return [(c, *hw) for c in chans]
+
+
+def default_input_size(model: nn.Module) -> Tuple[int, int, int]:
+    """The most likely (C, H, W) the model was built for (see :func:`default_input_sizes`)."""
+    return default_input_sizes(model)[0]
 
 
 def _levels(model: nn.Module) -> List[_Level]:

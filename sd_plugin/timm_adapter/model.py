@@ -15,8 +15,8 @@ import torch.nn as nn
 
 from .._checks import check_finite_input
 from ..core import ExitPoint, SelfDistillConfig, SelfDistillOutput, build_exit
-from ..core.engine import ExitEngine
-from ._discovery import default_input_size, discover, pool_teacher
+from ..core.engine import ExitEngine, ProbeError
+from ._discovery import default_input_sizes, discover, pool_teacher
 from ._timm_api import TimmApiMixin
 
 __all__ = ["SelfDistillModel", "ExitBranch", "wrap", "unwrap"]
@@ -111,8 +111,14 @@ class SelfDistillModel(TimmApiMixin, nn.Module):
         if config is not None and not isinstance(config, SelfDistillConfig):
             raise TypeError(f"config must be a SelfDistillConfig, got {type(config).__name__}.")
         self.config = config if config is not None else SelfDistillConfig()
-        size = tuple(input_size) if input_size is not None else default_input_size(model)
-        found = discover(model, self.config, size)
+        sizes = [tuple(input_size)] if input_size is not None else default_input_sizes(model)
+        for i, size in enumerate(sizes):
+            try:
+                found = discover(model, self.config, size)
+                break
+            except ProbeError:
+                if i == len(sizes) - 1:
+                    raise
         num_exits = len(found.points)
         if isinstance(self.config.predict_exit, int) and self.config.predict_exit > num_exits + 1:
             raise ValueError(
