@@ -301,7 +301,7 @@ class SelfDistillClassifier(ImageClassifier):
         if isinstance(p, int) and p <= self.num_exits:
             return self._exit_only(inputs, p - 1)
         if p == "ensemble":
-            return self._forward_all(inputs)[1].ensemble_probs().log()
+            return self._forward_all(inputs)[1].ensemble_probs().clamp_min(1e-12).log()  # no -inf, as timm
         return None
 
     def forward(
@@ -330,7 +330,7 @@ class SelfDistillClassifier(ImageClassifier):
         feats, out = self._forward_all(inputs)
         p = self.sd_config.predict_exit
         if p == "ensemble":
-            samples = _to_samples(out.ensemble_probs().log(), data_samples)
+            samples = _to_samples(out.ensemble_probs().clamp_min(1e-12).log(), data_samples)
         elif isinstance(p, int) and p <= self.num_exits:
             samples = _to_samples(out.exit_logits[p - 1], data_samples)
         else:
