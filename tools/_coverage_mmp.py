@@ -1,10 +1,10 @@
 """Machinery of ``tools/coverage_mmpretrain.py``: which packaged configs count, their input size, and the check.
 
 What counts: every config file under mmpretrain's packaged ``.mim/configs`` (``_base_`` excepted) whose ``model.type``
-is :class:`~mmpretrain.models.ImageClassifier` or a registered subclass of it. Everything else is listed with the
-reason it does not count (self-supervised pre-training algorithms, multimodal models, retrievers, detection
-benchmarks, helper files). Configs that mmengine cannot load are read again from their model base file: when
-that says ``ImageClassifier`` they count, as failures of mmpretrain itself.
+is :class:`~mmpretrain.models.ImageClassifier` or a registered subclass of it, with a head. Everything else is listed
+with the reason it does not count (self-supervised pre-training algorithms, multimodal models, retrievers, detection
+benchmarks, headless feature-extraction configs, helper files). Configs that mmengine cannot load are read again
+from their model base file: when that says ``ImageClassifier`` they count, as failures of mmpretrain itself.
 """
 
 from __future__ import annotations
@@ -49,8 +49,9 @@ def _base_model_type(path: str) -> Optional[str]:
     found = re.findall(r"type=['\"](\w+)['\"]", text.split("model = dict(", 1)[1]) if "model = dict(" in text else []
     if found:
         return found[0]
-    for base in re.findall(r"['\"](\.\./_base_/models/[^'\"]+)['\"]", text):
-        t = _base_model_type(os.path.normpath(os.path.join(os.path.dirname(path), base)))
+    for base in re.findall(r"['\"]([^'\"]+\.py)['\"]", text):
+        base_path = os.path.normpath(os.path.join(os.path.dirname(path), base))
+        t = _base_model_type(base_path) if os.path.isfile(base_path) else None
         if t:
             return t
     return None
@@ -81,6 +82,8 @@ def enumerate_configs(pattern: str = "*") -> Tuple[Dict[str, Any], Dict[str, str
                 excluded[rel] = error
             continue
         counts, why = _kind((cfg.get("model") or {}).get("type"))
+        if counts and not cfg.model.get("head"):
+            counts, why = False, "ImageClassifier without a head (a feature-extraction config: it cannot classify)"
         if counts:
             counted[rel] = cfg
         else:

@@ -26,12 +26,22 @@ def _child(fn: Callable[..., Dict[str, Any]], args: Tuple[Any, ...], conn: Conne
     import torch
 
     torch.set_num_threads(1)
+
+    def extend_limit(seconds: float) -> None:
+        conn.send(("limit", float(seconds)))
+
     try:
-        result = fn(*args)
+        result = fn(*args, extend_limit=extend_limit) if _takes_extend(fn) else fn(*args)
     except BaseException as e:  # noqa: BLE001 - anything the check did not catch is a result too
         result = dict(status=FAIL, error=f"check crashed: {type(e).__name__}: {e}"[:400], trace=traceback.format_exc())
     conn.send(result)
     conn.close()
+
+
+def _takes_extend(fn: Callable[..., Any]) -> bool:
+    import inspect
+
+    return "extend_limit" in inspect.signature(fn).parameters
 
 
 def run_checks(
@@ -39,8 +49,10 @@ def run_checks(
 ) -> Iterator[Tuple[str, Dict[str, Any]]]:
     """Yield ``(key, result)`` for every task, each run as ``fn(*args)`` in a forked child with its time limit.
 
-    A child past its limit is killed (``SLOW``); one that dies without a result (killed for memory, a crash in
-    native code) is ``SLOW`` when the kernel killed it (SIGKILL) and ``FAIL`` otherwise. ``seconds`` is added.
+    A check that takes an ``extend_limit`` keyword may call ``extend_limit(seconds)`` (e.g. once it knows its model
+    is large) to raise its own limit. A child past its limit is killed (``SLOW``); one that dies without a result
+    (killed for memory, a crash in native code) is ``SLOW`` when the kernel killed it (SIGKILL) and ``FAIL``
+    otherwise. ``seconds`` is added.
     """
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}.")
@@ -64,7 +76,11 @@ def run_checks(
             result: Optional[Dict[str, Any]] = None
             if conn in ready:
                 try:
-                    result = conn.recv()
+                    message = conn.recv()
+                    if isinstance(message, tuple) and message[0] == "limit":  # a large model: a longer limit
+                        running[conn] = (key, proc, start, max(limit, message[1]))
+                        continue
+                    result = message
                 except EOFError:  # the child died before sending
                     proc.join(5)
                     code = proc.exitcode

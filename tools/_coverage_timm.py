@@ -9,7 +9,7 @@ import timm
 import torch
 import torch.nn as nn
 
-from tools._coverage_run import BROKEN, FAIL, OK
+from tools._coverage_run import BROKEN, FAIL, OK, SLOW
 
 Size = Tuple[int, int, int]
 
@@ -100,19 +100,31 @@ def build(name: str, img_size: int) -> Tuple[nn.Module, Size, torch.Tensor]:
     raise RuntimeError(f"{type(last).__name__}: {last}")
 
 
-def check(name: str, img_size: int) -> Dict[str, Any]:
+def check(name: str, img_size: int, limits: Tuple[float, float, float], extend_limit: Any = None) -> Dict[str, Any]:
     """wrap, one training step (finite loss, finite non-zero gradient on every exit parameter), eval output
-    identical to the plain model's, unwrap gives back the same model, unchanged, without hooks."""
+    identical to the plain model's, unwrap gives back the same model, unchanged, without hooks.
+
+    ``limits``: (max parameters, large parameters, time limit of a large model): models over the first are not
+    tried; over the second, ``extend_limit`` raises this check's time limit."""
     import warnings
 
     import sd_plugin
 
     warnings.filterwarnings("ignore")
+    max_params, large_params, large_timeout = limits
+    try:
+        n = num_params_meta(name)
+    except Exception as e:  # noqa: BLE001
+        return dict(status=BROKEN, error=f"timm cannot build it on meta: {e}"[:300])
+    if n > max_params:
+        return dict(status=SLOW, error=f"{n / 1e6:.0f} M parameters > --max-params", params_m=round(n / 1e6, 2))
+    if n > large_params and extend_limit is not None:
+        extend_limit(large_timeout)
     try:
         model, size, before = build(name, img_size)
     except Exception as e:  # noqa: BLE001
         return dict(status=BROKEN, error=f"timm model without sd_plugin: {e}"[:400])
-    result: Dict[str, Any] = dict(input_size=list(size))
+    result: Dict[str, Any] = dict(input_size=list(size), params_m=round(n / 1e6, 2))
     try:
         x = torch.randn(2, *size, generator=torch.Generator().manual_seed(1))
         keys_before = list(model.state_dict())

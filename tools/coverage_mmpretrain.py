@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from collections import Counter, defaultdict
@@ -98,13 +99,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
+_LARGE = re.compile(r"(large|huge|giant|xlarge|-[lhg]-|-[lhg]p|31l|-xl|b[5-8]|l2|w64|200|269|152|101)", re.I)
+
+
 def _round_robin(groups: Dict[str, List[str]]) -> List[str]:
-    """Keys ordered one family at a time in turn: a partial run covers every family."""
+    """Keys ordered one family at a time in turn, the large-looking ones last: a partial run covers every family."""
     by_family: Dict[str, List[str]] = defaultdict(list)
-    for key in sorted(groups, key=lambda k: groups[k][0]):
+    for key in sorted(groups, key=lambda k: (bool(_LARGE.search(groups[k][0])), groups[k][0])):
         by_family[family(groups[key][0])].append(key)
     queues = [by_family[f] for f in sorted(by_family)]
-    return [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]
+    ordered = [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]
+    return sorted(ordered, key=lambda k: bool(_LARGE.search(groups[k][0])))  # stable: round robin kept
 
 
 def _write(args: Any, results: Dict[str, Any], excluded: Dict[str, str], counted: Dict[str, Any], t0: float) -> Any:

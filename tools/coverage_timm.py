@@ -22,14 +22,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import timm
 
-from tools._coverage_run import BROKEN, OK, SLOW, cpu_count_note, failure_list, markdown_table, run_checks, summarize
-from tools._coverage_timm import check, family, num_params_meta, select
+from tools._coverage_run import OK, cpu_count_note, failure_list, markdown_table, run_checks, summarize
+from tools._coverage_timm import check, family, select
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -60,32 +61,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.retry and os.path.exists(args.output):
         with open(args.output) as f:
             results = json.load(f)["results"]
-    tasks = []
-    sizes: Dict[str, int] = {}
-    for name in chosen:
-        if name in results and results[name]["status"] != args.retry:
-            continue
-        try:
-            n = num_params_meta(name)
-        except Exception as e:  # noqa: BLE001
-            results[name] = dict(status=BROKEN, error=f"timm cannot build it on meta: {e}"[:300], selected=chosen[name])
-            continue
-        if n > args.max_params:
-            results[name] = dict(status=SLOW, error=f"{n / 1e6:.0f} M parameters > --max-params", params_m=n / 1e6)
-            results[name]["selected"] = chosen[name]
-            continue
-        sizes[name] = n
-        limit = args.large_timeout if n > args.large_params else args.timeout
-        tasks.append((name, (name, args.img_size), limit))
-        results.pop(name, None)
-    tasks.sort(key=lambda t: sizes[t[0]])  # small first: a partial run has the most results
+    tasks = [
+        (name, (name, args.img_size, (args.max_params, args.large_params, args.large_timeout)), args.timeout)
+        for name in chosen
+        if not (name in results and results[name]["status"] != args.retry)
+    ]
+    tasks.sort(key=lambda t: _order(t[0], chosen))  # families in turn, large-looking names last
     print(
         f"{len(chosen)} architectures ({sum(v == 'module' for v in chosen.values())} added per module), "
         f"{len(tasks)} to check",
         flush=True,
     )
     for i, (name, r) in enumerate(run_checks(check, tasks, args.jobs), 1):
-        results[name] = dict(r, params_m=round(sizes[name] / 1e6, 2), selected=chosen[name])
+        results[name] = dict(r, selected=chosen[name])
         print(f"[{i}/{len(tasks)}] {name:50s} {r['status']:24s} {r['seconds']:6.1f}s {r.get('error', '')}", flush=True)
         _write(args, results, t0)
     summary = _write(args, results, t0)
@@ -96,6 +84,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         f"timm {timm.__version__}. Results: {args.output}"
     )
     return 0
+
+
+_LARGE = re.compile(r"(large|huge|giant|gigantic|xlarge|_h14|_g14|_l16|_l14|_l32|_b16_384|_so400m|_1b|_6b|xxl)", re.I)
+
+
+def _order(name: str, chosen: Dict[str, str]) -> Tuple[bool, int, str]:
+    same_family = sorted(n for n in chosen if family(n) == family(name))
+    return bool(_LARGE.search(name)), same_family.index(name), name
 
 
 def _write(args: Any, results: Dict[str, Dict[str, Any]], t0: float) -> Dict[str, Any]:
