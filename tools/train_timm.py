@@ -35,11 +35,14 @@ from torch.nn.parallel import DistributedDataParallel
 import sd_plugin
 from sd_plugin._io import atomic_save, atomic_write, check_checkpoint_file
 from sd_plugin.core import SelfDistillConfig, soft_cross_entropy
+from sd_plugin.core.methods import ClassPairIndexSampler
 from sd_plugin.timm_adapter._train_utils import (
+    WithIndex,
     build_dataset,
     build_loader,
     evaluate,
     format_table,
+    labels_of,
     setup_distributed,
     train_one_epoch,
 )
@@ -85,15 +88,39 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     sd.add_argument("--sd-temperature", type=float, default=3.0)
     sd.add_argument("--sd-ce-weight", type=float, default=0.7)
     sd.add_argument("--sd-kd-weight", type=float, default=0.3)
-    sd.add_argument("--sd-hint-weight", type=float, default=0.03)
+    sd.add_argument("--sd-hint-weight", type=float, default=0.34)
+    sd.add_argument("--sd-hint-form", choices=("rms", "squared", "mean"), default="rms")
     sd.add_argument("--sd-deepest-weight", type=float, default=1.0)
     sd.add_argument("--sd-exit-hidden-ratio", type=float, default=0.25)
+    sd.add_argument("--sd-no-exits", action="store_true", help="no exits: a teacher-free method below alone")
+    sd.add_argument(
+        "--sd-warmup-epochs", type=int, default=0, help="ramp the KD and hint weights from 0 over these epochs"
+    )
+    sd.add_argument(
+        "--pskd", type=float, nargs="?", const=0.8, default=0.0, metavar="ALPHA", help="PS-KD, final weight (0.8)"
+    )
+    sd.add_argument(
+        "--cs-kd",
+        type=float,
+        nargs="?",
+        const=1.0,
+        default=0.0,
+        metavar="WEIGHT",
+        help="CS-KD with its class-pair sampler, weight (1.0); needs an even --batch-size",
+    )
+    sd.add_argument(
+        "--tfkd", type=float, nargs="?", const=0.1, default=0.0, metavar="WEIGHT", help="Tf-KD-reg, weight (0.1)"
+    )
     args = p.parse_args(argv)
     args.data = args.data or args.data_dir
     if not args.data:
         p.error("give the data root (positional) or --data-dir")
     if args.val_split is None:
         args.val_split = "val" if os.path.isdir(os.path.join(args.data, "val")) else "test"
+    if args.no_sd and (args.pskd or args.cs_kd or args.tfkd or args.sd_no_exits):
+        p.error("--no-sd trains the plain model with cross-entropy; for a method alone use --sd-no-exits instead")
+    if args.cs_kd and args.batch_size % 2:
+        p.error(f"--cs-kd needs an even --batch-size (pairs of samples), got {args.batch_size}")
     return args
 
 
@@ -112,11 +139,15 @@ def create_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
 
 def sd_config(args: argparse.Namespace) -> SelfDistillConfig:
     return SelfDistillConfig(
-        exit_indices=args.sd_exit_indices,
+        exit_indices=[] if args.sd_no_exits else args.sd_exit_indices,
         temperature=args.sd_temperature,
         ce_weight=args.sd_ce_weight,
         kd_weight=args.sd_kd_weight,
         hint_weight=args.sd_hint_weight,
+        hint_form=args.sd_hint_form,
+        pskd_alpha=args.pskd,
+        cskd_weight=args.cs_kd,
+        tfkd_weight=args.tfkd,
         deepest_weight=args.sd_deepest_weight,
         exit_hidden_ratio=args.sd_exit_hidden_ratio,
     )
@@ -206,7 +237,10 @@ def _run(argv: Optional[List[str]] = None) -> int:
     val_set, _ = build_dataset(
         args.data, args.val_split, create_transform(**data_cfg, is_training=False), args.max_val_samples, args.seed
     )
-    train_loader = build_loader(train_set, args.batch_size, True, args.workers, info, args.seed)
+    if args.pskd:
+        train_set = WithIndex(train_set)  # PS-KD keys its past predictions by data-set index
+    pairs = ClassPairIndexSampler(labels_of(train_set), info.rank, info.world_size, args.seed) if args.cs_kd else None
+    train_loader = build_loader(train_set, args.batch_size, True, args.workers, info, args.seed, sampler=pairs)
     val_loader = build_loader(val_set, args.batch_size, False, args.workers, info, args.seed)
 
     net.to(info.device)
@@ -238,6 +272,8 @@ def _run(argv: Optional[List[str]] = None) -> int:
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         start_epoch, history = ckpt["epoch"], ckpt.get("history", [])
+        if "criterion" in ckpt and isinstance(criterion, torch.nn.Module):
+            criterion.load_state_dict(ckpt["criterion"])  # PS-KD's past predictions
     train_net: torch.nn.Module = wrap_ddp(net, info) if info.distributed else net
 
     if info.is_main and args.initial_checkpoint and not args.no_sd and not args.resume:
@@ -255,8 +291,12 @@ def _run(argv: Optional[List[str]] = None) -> int:
         )
     table: List[Tuple[int, Dict[str, float]]] = [(h["epoch"], h["top1"]) for h in history]
     for epoch in range(start_epoch, num_epochs):
-        if isinstance(train_loader.sampler, torch.utils.data.DistributedSampler):
+        if isinstance(train_loader.sampler, (torch.utils.data.DistributedSampler, ClassPairIndexSampler)):
             train_loader.sampler.set_epoch(epoch)
+        if isinstance(criterion, sd_plugin.SelfDistillLoss):
+            criterion.set_progress(epoch / num_epochs)  # PS-KD's growing weight
+            if args.sd_warmup_epochs > 0:
+                criterion.set_distill_scale(min(1.0, epoch / args.sd_warmup_epochs))
         seed_epoch(args.seed, epoch, info.rank, train_loader)
         t0 = time.time()
         stats = train_one_epoch(
@@ -281,7 +321,7 @@ def _run(argv: Optional[List[str]] = None) -> int:
                 f"step {1000 * stats['step_time_mean']:.1f} ms\n{format_table(table)}",
                 flush=True,
             )
-            _save(args, net, optimizer, scheduler, epoch + 1, history)
+            _save(args, net, optimizer, scheduler, epoch + 1, history, criterion)
         if info.distributed:
             dist.barrier()
     if info.distributed:
@@ -296,6 +336,7 @@ def _save(
     scheduler: Any,
     epoch: int,
     history: List[Dict[str, Any]],
+    criterion: Any = None,
 ) -> None:
     state = dict(
         epoch=epoch,
@@ -306,6 +347,8 @@ def _save(
         args=vars(args),
         history=history,
     )
+    if isinstance(criterion, torch.nn.Module):
+        state["criterion"] = criterion.state_dict()  # PS-KD's past predictions (the same on every rank)
     atomic_save(state, os.path.join(args.output, "checkpoint-last.pth"))
     plain = net if args.no_sd else sd_plugin.unwrap(net)
     atomic_save(plain.state_dict(), os.path.join(args.output, "model_plain.pth"))

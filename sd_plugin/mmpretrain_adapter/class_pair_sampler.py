@@ -1,16 +1,13 @@
-"""``ClassPairSampler``: batches of (sample, same-class partner) pairs for CS-KD."""
+"""``ClassPairSampler``: batches of (sample, same-class partner) pairs for CS-KD, as an MMPretrain data sampler."""
 
 from __future__ import annotations
 
-import math
-from typing import Any, Iterator, List, Optional, Sequence
+from typing import Any, Optional, Sequence
 
-import torch
 from mmengine.dist import get_dist_info, sync_random_seed
 from mmpretrain.registry import DATA_SAMPLERS
-from torch.utils.data import Sampler
 
-from sd_plugin.core.methods import class_pair_order
+from sd_plugin.core.methods import ClassPairIndexSampler
 
 __all__ = ["ClassPairSampler"]
 
@@ -29,7 +26,7 @@ def _labels_of(dataset: Any) -> Sequence[int]:
 
 
 @DATA_SAMPLERS.register_module()
-class ClassPairSampler(Sampler):
+class ClassPairSampler(ClassPairIndexSampler):
     """Yields dataset indices as (anchor, partner) pairs of the same class, for CS-KD (``cskd_weight > 0``).
 
     Every epoch draws a new random order (seeded by ``seed`` and the epoch, the
@@ -48,27 +45,6 @@ class ClassPairSampler(Sampler):
     """
 
     def __init__(self, dataset: Any, seed: Optional[int] = None) -> None:
+        rank, world_size = get_dist_info()
+        super().__init__(_labels_of(dataset), rank, world_size, sync_random_seed() if seed is None else seed)
         self.dataset = dataset
-        self.labels = _labels_of(dataset)
-        self.rank, self.world_size = get_dist_info()
-        self.seed = sync_random_seed() if seed is None else seed
-        self.epoch = 0
-        pairs = (len(self.labels) + 1) // 2
-        self.pairs_per_rank = math.ceil(pairs / self.world_size)
-
-    def __iter__(self) -> Iterator[int]:
-        g = torch.Generator()
-        g.manual_seed(self.seed + self.epoch)
-        order = class_pair_order(self.labels, g)
-        pairs: List[List[int]] = [order[i : i + 2] for i in range(0, len(order), 2)]
-        total = self.pairs_per_rank * self.world_size
-        pairs = (pairs * math.ceil(total / len(pairs)))[:total]
-        mine = pairs[self.rank : total : self.world_size]
-        return iter([i for pair in mine for i in pair])
-
-    def __len__(self) -> int:
-        return 2 * self.pairs_per_rank
-
-    def set_epoch(self, epoch: int) -> None:
-        """A new order every epoch (called by mmengine's training loop)."""
-        self.epoch = epoch

@@ -11,7 +11,7 @@ from typing import Any, Callable, ContextManager, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
 from ..core import SelfDistillOutput
 
@@ -20,6 +20,8 @@ __all__ = [
     "setup_distributed",
     "build_dataset",
     "build_loader",
+    "WithIndex",
+    "labels_of",
     "autocast",
     "train_one_epoch",
     "evaluate",
@@ -76,10 +78,47 @@ def build_dataset(
     return dataset, num_classes
 
 
-def build_loader(dataset: Dataset, batch_size: int, train: bool, workers: int, info: DistInfo, seed: int) -> DataLoader:
-    """A DataLoader with a DistributedSampler under DDP (training only; validation runs on rank 0)."""
-    sampler: Optional[DistributedSampler] = None
-    if train and info.distributed:
+class WithIndex(Dataset):
+    """``dataset[i]`` plus ``i`` (the sample's data-set index, which PS-KD keys its past predictions by)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> Tuple[Any, ...]:
+        return (*self.dataset[i], i)
+
+
+def labels_of(dataset: Dataset) -> List[int]:
+    """The class of every sample of a timm ImageFolder data set (or a ``Subset``/``WithIndex`` of one), in order."""
+    if isinstance(dataset, WithIndex):
+        return labels_of(dataset.dataset)
+    if isinstance(dataset, Subset):
+        inner = labels_of(dataset.dataset)
+        return [inner[i] for i in dataset.indices]
+    reader = getattr(dataset, "reader", None)
+    samples = getattr(reader, "samples", None)
+    if samples is None:
+        raise TypeError(f"cannot read the labels of {type(dataset).__name__} (no reader.samples) for the pair sampler.")
+    return [int(target) for _, target in samples]
+
+
+def build_loader(
+    dataset: Dataset,
+    batch_size: int,
+    train: bool,
+    workers: int,
+    info: DistInfo,
+    seed: int,
+    sampler: Optional[Sampler] = None,
+) -> DataLoader:
+    """A DataLoader with a DistributedSampler under DDP (training only; validation runs on rank 0).
+
+    ``sampler`` replaces both (e.g. CS-KD's class-pair sampler, which shards by itself).
+    """
+    if sampler is None and train and info.distributed:
         sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=seed)
     return DataLoader(
         dataset,
@@ -117,14 +156,16 @@ def train_one_epoch(
     step_times: List[float] = []
     loss_sum, steps = 0.0, 0
     bar = tqdm(loader, desc=desc, disable=not (progress and info.is_main), leave=False, mininterval=1.0)
-    for x, y in bar:
+    for batch in bar:
         t0 = time.perf_counter()
+        x, y = batch[0], batch[1]
+        index = batch[2] if len(batch) > 2 else None  # data-set indices (WithIndex), for PS-KD
         x, y = x.to(info.device), y.to(info.device)
         if mixup is not None:
             x, y = mixup(x, y)
         with autocast(info.device, amp):
             out = model(x)
-        loss = criterion(out, y)
+        loss = criterion(out, y) if index is None else criterion(out, y, sample_index=index.to(y.device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -6,7 +6,7 @@ distillation, same-class pairs in the batch), :mod:`.tfkd` (teacher-free KD with
 a hand-made teacher distribution).
 """
 
-from .cskd import class_pair_kd, class_pair_order
+from .cskd import ClassPairIndexSampler, class_pair_kd, class_pair_order
 from .pskd import PastPredictions, pskd_alpha_at, pskd_term
 from .tfkd import tfkd_reg_term, tfkd_teacher
 
@@ -14,6 +14,7 @@ __all__ = [
     "PastPredictions",
     "pskd_alpha_at",
     "pskd_term",
+    "ClassPairIndexSampler",
     "class_pair_kd",
     "class_pair_order",
     "tfkd_reg_term",

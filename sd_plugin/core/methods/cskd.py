@@ -12,12 +12,14 @@ batch of partners; ours keeps the step cost of plain training).
 
 from __future__ import annotations
 
-from typing import List, Sequence
+import math
+from typing import Iterator, List, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import Sampler
 
-__all__ = ["class_pair_kd", "class_pair_order"]
+__all__ = ["class_pair_kd", "class_pair_order", "ClassPairIndexSampler"]
 
 
 def class_pair_kd(logits: torch.Tensor, temperature: float, target: torch.Tensor | None = None) -> torch.Tensor:
@@ -75,3 +77,46 @@ def class_pair_order(labels: Sequence[int], generator: torch.Generator) -> List[
             partner = members[j] if members[j] != anchor else members[-1]
         out += [anchor, partner]
     return out
+
+
+class ClassPairIndexSampler(Sampler):
+    """Dataset indices as (anchor, same-class partner) pairs, for CS-KD; one shard per process.
+
+    Every epoch (:meth:`set_epoch`) draws a new order seeded by ``seed + epoch``,
+    the same on every process, with about ``len(labels) / 2`` anchors, so an
+    epoch has as many images as plain shuffling. Pairs are dealt to the
+    ``world_size`` processes in turn (padded by repeating pairs so each gets the
+    same number). Use an even batch size, so pairs stay within a batch.
+
+    Args:
+        labels: The class of every training sample, in data-set order.
+        rank: This process's rank.
+        world_size: Number of processes.
+        seed: Random seed, the same on every process.
+    """
+
+    def __init__(self, labels: Sequence[int], rank: int = 0, world_size: int = 1, seed: int = 0) -> None:
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank {rank} of {world_size}.")
+        self.labels = [int(c) for c in labels]
+        if not self.labels:
+            raise ValueError("the class-pair sampler got an empty data set.")
+        self.rank, self.world_size, self.seed = rank, world_size, int(seed)
+        self.epoch = 0
+        self.pairs_per_rank = math.ceil(((len(self.labels) + 1) // 2) / world_size)
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        order = class_pair_order(self.labels, g)
+        pairs = [order[i : i + 2] for i in range(0, len(order), 2)]
+        total = self.pairs_per_rank * self.world_size
+        pairs = (pairs * math.ceil(total / len(pairs)))[:total]
+        return iter([i for pair in pairs[self.rank : total : self.world_size] for i in pair])
+
+    def __len__(self) -> int:
+        return 2 * self.pairs_per_rank
+
+    def set_epoch(self, epoch: int) -> None:
+        """A new order every epoch."""
+        self.epoch = epoch
