@@ -62,9 +62,39 @@ def _numpy_globals() -> List[Any]:
     return found
 
 
+def _sharded_tensor_globals() -> List[Any]:
+    """torch's own classes in FSDP's sharded checkpoints (mmengine ``FlexibleRunner`` + ``FSDPStrategy``)."""
+    try:
+        from torch.distributed._shard.metadata import ShardMetadata
+        from torch.distributed._shard.sharded_tensor.api import ShardedTensor
+        from torch.distributed._shard.sharded_tensor.metadata import (
+            MEM_FORMAT_ENCODING,
+            ShardedTensorMetadata,
+            TensorProperties,
+        )
+        from torch.distributed._shard.sharded_tensor.shard import Shard
+        from torch.distributed._shard.sharding_spec.api import EnumerableShardingSpec
+        from torch.distributed._shard.sharding_spec.chunk_sharding_spec import ChunkShardingSpec
+        from torch.distributed.remote_device import _remote_device
+    except ImportError:  # torch built without distributed support
+        return []
+    return [
+        ShardedTensor,
+        ShardedTensor.ProcessGroupState,
+        Shard,
+        ShardMetadata,
+        ShardedTensorMetadata,
+        TensorProperties,
+        MEM_FORMAT_ENCODING,
+        _remote_device,
+        EnumerableShardingSpec,
+        ChunkShardingSpec,
+    ]
+
+
 def mmengine_checkpoint_globals() -> List[Any]:
     """Everything an mmengine training checkpoint (``resume=True``) pickles besides tensors."""
-    found: List[Any] = [collections.Counter, getattr, *_numpy_globals()]
+    found: List[Any] = [collections.Counter, getattr, *_numpy_globals(), *_sharded_tensor_globals()]
     try:
         from mmengine.logging import HistoryBuffer
         from mmengine.logging.message_hub import MessageHub

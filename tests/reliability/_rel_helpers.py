@@ -300,3 +300,59 @@ class CallCountMetric(BaseMetric):
     def compute_metrics(self, results: List[Any]) -> Dict[str, float]:
         self.calls += 1
         return dict(count=float(self.calls))
+
+
+ERRORS_MD = REPO / "docs" / "errors.md"
+
+
+def documented_messages(row: str) -> List[str]:
+    """The messages docs/errors.md shows for ``row`` ("what you see" column), without the "(before: ...)" ones."""
+    import re
+
+    for line in ERRORS_MD.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells and cells[0] == row:
+            seen = re.sub(r"\(before:[^`]*`[^`]*`\)", "", cells[-2])
+            return [m for m in re.findall(r"`([^`]+)`", seen) if re.match(r"(\w+: |\.\.\.)", m)]
+    raise AssertionError(f"docs/errors.md has no row {row}")
+
+
+def _doc_pattern(message: str) -> Any:
+    """``...`` stands for any text; a number for any number (the docs show one example value); any whitespace."""
+    import re
+
+    def literal(text: str) -> str:
+        pieces = re.split(r"(-?\d+(?:\.\d+)?|nan|inf)", text)
+        out = [r"(-?\d+(?:\.\d+)?|nan|inf)" if i % 2 else re.escape(p) for i, p in enumerate(pieces)]
+        return re.sub(r"(\\ )+", r"\\s+", "".join(out))
+
+    return re.compile(".*".join(literal(part) for part in re.split(r"\s*\.\.\.\s*", message)), re.DOTALL)
+
+
+class _Documented:
+    def __init__(self, row: str, info: Any) -> None:
+        self.row, self.info = row, info
+
+    def __enter__(self) -> Any:
+        self.excinfo = self.info.__enter__()
+        return self.excinfo
+
+    def __exit__(self, *exc: Any) -> bool:
+        handled = self.info.__exit__(*exc)
+        actual = f"{self.excinfo.type.__name__}: {self.excinfo.value}"
+        documented = documented_messages(self.row)
+        assert any(_doc_pattern(m).match(actual) for m in documented), (
+            f"docs/errors.md row {self.row} shows {documented}, but the error is {actual!r}: update the row."
+        )
+        return bool(handled)
+
+
+def raises_documented(row: str, exc: Any, match: Optional[str] = None) -> Any:
+    """``pytest.raises(exc, match=match)`` that also checks the error against row ``row`` of docs/errors.md.
+
+    The error, as ``"Type: message"``, must match one of the row's documented messages, where ``...`` in the
+    documentation stands for any text.
+    """
+    import pytest
+
+    return _Documented(row, pytest.raises(exc, match=match))

@@ -12,7 +12,15 @@ from typing import Any, Callable, Dict
 import pytest
 import torch
 import torch.nn as nn
-from _rel_helpers import make_image_folder, mm_config, sd_resnet, tiny_resnet, write_config
+from _rel_helpers import (
+    documented_messages,
+    make_image_folder,
+    mm_config,
+    raises_documented,
+    sd_resnet,
+    tiny_resnet,
+    write_config,
+)
 from _rel_run import load_tool, run_mm_inprocess
 
 import sd_plugin
@@ -78,26 +86,28 @@ OPTION_IDS = [f"{c[0]}-{list(c[1])[0]}" for c in OPTION_CASES]
 @pytest.mark.timm
 @pytest.mark.parametrize("row, options, exc, pattern", OPTION_CASES, ids=OPTION_IDS)
 def test_bad_option_timm(timm_model, row, options, exc, pattern):
-    with pytest.raises(exc, match=pattern):
+    with raises_documented(row, exc, match=pattern):
         _wrap(timm_model(), **options)
 
 
 @pytest.mark.mmpretrain
 @pytest.mark.parametrize("row, options, exc, pattern", OPTION_CASES, ids=OPTION_IDS)
 def test_bad_option_mmpretrain(row, options, exc, pattern):
-    with pytest.raises(exc, match=pattern):
+    with raises_documented(row, exc, match=pattern):
         _build_mm(**options)
 
 
 @pytest.mark.timm
 def test_B02_unknown_option_timm(timm_model):
-    with pytest.raises(TypeError, match=r"unknown option\(s\) \['tempreature'\]; valid options"):
+    with raises_documented("B02", TypeError, match=r"unknown option\(s\) \['tempreature'\]; valid options"):
         _wrap(timm_model(), tempreature=3.0)
 
 
 @pytest.mark.mmpretrain
 def test_B02_unknown_option_or_selfsup_config_mmpretrain():
-    with pytest.raises(TypeError, match=r"unexpected options \['queue_len'\].*supervised classification config"):
+    with raises_documented(
+        "B02", TypeError, match=r"unexpected options \['queue_len'\].*supervised classification config"
+    ):
         _build_mm(queue_len=4096)
 
 
@@ -106,32 +116,32 @@ def test_B02_unknown_option_or_selfsup_config_mmpretrain():
 
 @pytest.mark.timm
 def test_B01_not_a_model():
-    with pytest.raises(TypeError, match=r"wrap\(\) needs a timm model \(torch.nn.Module\), got str"):
+    with raises_documented("B01", TypeError, match=r"wrap\(\) needs a timm model \(torch.nn.Module\), got str"):
         sd_plugin.wrap("resnet18")
 
 
 @pytest.mark.timm
 def test_B11_wrapped_twice(timm_model):
-    with pytest.raises(TypeError, match="already wrapped"):
+    with raises_documented("B11", TypeError, match="already wrapped"):
         sd_plugin.wrap(_wrap(timm_model()))
 
 
 @pytest.mark.timm
 def test_B09_no_classifier_timm(timm_model):
-    with pytest.raises(ValueError, match=r"num_classes=0 \(no classifier\).*num_classes > 0"):
+    with raises_documented("B09", ValueError, match=r"num_classes=0 \(no classifier\).*num_classes > 0"):
         _wrap(timm_model(num_classes=0))
 
 
 @pytest.mark.mmpretrain
 def test_B09_no_classifier_mmpretrain():
-    with pytest.raises(ValueError, match=r"needs a classification head"):
+    with raises_documented("B09", ValueError, match=r"needs a classification head"):
         _build_mm(head=None)
 
 
 @pytest.mark.timm
 def test_B10_single_output_model_timm():
     flat = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 5))
-    with pytest.raises(ValueError, match=r"no timm feature_info, so its intermediate features cannot be reached"):
+    with raises_documented("B10", TypeError, match=r"Sequential is not a timm classifier.*pass a timm model"):
         _wrap(flat)
 
 
@@ -148,14 +158,14 @@ def test_B10_single_output_backbone_mmpretrain():
             return (self.proj(x.mean((2, 3))),)
 
     MODELS.register_module("RelOneShotBackbone", module=OneShotBackbone, force=True)
-    with pytest.raises(ValueError, match=r"cannot find the stages of backbone .*stage_modules="):
+    with raises_documented("B10", ValueError, match=r"cannot find where to put exits in backbone .*stage_modules="):
         _build_mm(backbone=dict(type="RelOneShotBackbone"), neck=None)
 
 
 @pytest.mark.mmpretrain
 def test_B23_head_width_does_not_match_backbone_mmpretrain():
     head = dict(type="LinearClsHead", num_classes=5, in_channels=32, loss=dict(type="CrossEntropyLoss"))
-    with pytest.raises(ValueError, match=r"in_channels=32.*64"):
+    with raises_documented("B23", ValueError, match=r"in_channels=32.*64"):
         _build_mm(head=head)
 
 
@@ -165,21 +175,21 @@ def test_B23_head_width_does_not_match_backbone_mmpretrain():
 @pytest.mark.timm
 def test_B12_labels_out_of_range_timm(timm_model):
     model = _wrap(timm_model())
-    with pytest.raises(ValueError, match=r"labels must lie in \[0, 4\] for 5 classes.*check num_classes"):
+    with raises_documented("B12", ValueError, match=r"labels must lie in \[0, 4\] for 5 classes.*check num_classes"):
         sd_plugin.SelfDistillLoss()(model(torch.randn(2, 3, 32, 32)), torch.tensor([0, 5]))
 
 
 @pytest.mark.mmpretrain
 @pytest.mark.parametrize("labels", [[0, 5], [-1, 0]])
 def test_B12_labels_out_of_range_mmpretrain(labels):
-    with pytest.raises(ValueError, match=r"labels must lie in \[0, 4\] for 5 classes.*num_classes"):
+    with raises_documented("B12", ValueError, match=r"labels must lie in \[0, 4\] for 5 classes.*num_classes"):
         _mm_loss(_build_mm(), torch.randn(2, 3, 32, 32), labels)
 
 
 @pytest.mark.timm
 def test_B13_loss_on_eval_output(timm_model):
     model = _wrap(timm_model()).eval()
-    with pytest.raises(TypeError, match=r"needs the wrapped model's training output.*train mode"):
+    with raises_documented("B13", TypeError, match=r"needs the wrapped model's training output.*train mode"):
         sd_plugin.SelfDistillLoss()(model(torch.randn(2, 3, 32, 32)), torch.tensor([0, 1]))
 
 
@@ -192,13 +202,13 @@ def _with_nan(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.timm
 def test_B15_nan_in_input_timm(timm_model):
     model = _wrap(timm_model())
-    with pytest.raises(ValueError, match=r"input batch contains NaN or inf"):
+    with raises_documented("B15", ValueError, match=r"input batch contains NaN or inf"):
         model(_with_nan(torch.randn(2, 3, 32, 32)))
 
 
 @pytest.mark.mmpretrain
 def test_B15_nan_in_input_mmpretrain():
-    with pytest.raises(ValueError, match=r"input batch contains NaN or inf"):
+    with raises_documented("B15", ValueError, match=r"input batch contains NaN or inf"):
         _mm_loss(_build_mm(), _with_nan(torch.randn(2, 3, 32, 32)), [0, 1])
 
 
@@ -208,7 +218,9 @@ def test_B15_nan_in_input_mmpretrain():
 @pytest.mark.timm
 def test_B14_checkpoint_of_another_model_timm(timm_model):
     model = _wrap(timm_model())
-    with pytest.raises(RuntimeError, match=r"size mismatch for model.fc.weight: .*shape torch.Size\(\[7, 96\]\)"):
+    with raises_documented(
+        "B14", RuntimeError, match=r"size mismatch for model.fc.weight: .*shape torch.Size\(\[7, 96\]\)"
+    ):
         model.load_state_dict(timm_model(num_classes=7).state_dict(), strict=False)
 
 
@@ -217,7 +229,7 @@ def test_B14_checkpoint_of_another_model_mmpretrain():
     from mmpretrain.registry import MODELS
 
     other = MODELS.build(tiny_resnet(num_classes=7)).state_dict()
-    with pytest.raises(RuntimeError, match=r"size mismatch for head.fc.weight"):
+    with raises_documented("B14", RuntimeError, match=r"size mismatch for head.fc.weight"):
         _build_mm().load_state_dict(other, strict=False)
 
 
@@ -227,20 +239,20 @@ def test_B18_resume_from_a_plain_checkpoint_timm(tmp_path, timm_model):
     data = make_image_folder(tmp_path / "d" / "train")
     make_image_folder(tmp_path / "d" / "val", per_class=2)
     args = [str(data.parent), *TIMM_ARGS, "--output", str(tmp_path / "out"), "--resume", str(tmp_path / "plain.pth")]
-    with pytest.raises(ValueError, match=r"not a checkpoint of tools/train_timm.py.*--initial-checkpoint"):
+    with raises_documented("B18", ValueError, match=r"not a checkpoint of tools/train_timm.py.*--initial-checkpoint"):
         load_tool("train_timm").main(args)
 
 
 @pytest.mark.mmpretrain
 def test_B18_resume_from_a_missing_file_mmpretrain(tmp_path):
     cfg = write_config(mm_config(tmp_path / "data", tmp_path / "wd"), tmp_path / "c.py")
-    with pytest.raises(ValueError, match=r"--resume .*no such checkpoint file"):
+    with raises_documented("B18", ValueError, match=r"--resume .*no such checkpoint file"):
         run_mm_inprocess(cfg, "--resume", str(tmp_path / "nope.pth"), name="b18")
 
 
 @pytest.mark.mmpretrain
 def test_B19_missing_config_file(tmp_path):
-    with pytest.raises(ValueError, match=r"config file .* does not exist"):
+    with raises_documented("B19", ValueError, match=r"config file .* does not exist"):
         load_tool("train").main([str(tmp_path / "no_such_config.py")])
 
 
@@ -251,7 +263,9 @@ def test_B19_missing_config_file(tmp_path):
 def test_B16_empty_data_folder_mmpretrain(tmp_path):
     (tmp_path / "empty" / "class0").mkdir(parents=True)
     cfg = write_config(mm_config(tmp_path / "empty", tmp_path / "wd"), tmp_path / "c.py")
-    with pytest.raises(RuntimeError, match=re.escape(f"Found 0 files in subfolders of: {{'img_path': '{tmp_path}")):
+    with raises_documented(
+        "B16", RuntimeError, match=re.escape(f"Found 0 files in subfolders of: {{'img_path': '{tmp_path}")
+    ):
         run_mm_inprocess(cfg, name="b16")
 
 
@@ -259,7 +273,7 @@ def test_B16_empty_data_folder_mmpretrain(tmp_path):
 def test_B16_empty_data_folder_timm(tmp_path):
     for split in ("train", "val"):
         (tmp_path / split / "class0").mkdir(parents=True)
-    with pytest.raises(RuntimeError, match=r"Found 0 images in subfolders of .*train"):
+    with raises_documented("B16", RuntimeError, match=r"Found 0 images in subfolders of .*train"):
         load_tool("train_timm").main([str(tmp_path), "--model", "test_resnet", "--output", str(tmp_path / "out")])
 
 
@@ -273,7 +287,7 @@ def _corrupt(root: Path) -> Path:
 def test_B17_corrupt_image_mmpretrain(tmp_path):
     bad = _corrupt(make_image_folder(tmp_path / "data"))
     cfg = write_config(mm_config(tmp_path / "data", tmp_path / "wd", max_iters=4), tmp_path / "c.py")
-    with pytest.raises(AssertionError, match=re.escape(f"failed to load image: {bad}")):
+    with raises_documented("B17", AssertionError, match=re.escape(f"failed to load image: {bad}")):
         run_mm_inprocess(cfg, name="b17")
 
 
@@ -292,7 +306,7 @@ def test_B28_fewer_classes_than_the_data_set_timm(tmp_path):
     make_image_folder(tmp_path / "train", num_classes=3, per_class=4)
     make_image_folder(tmp_path / "val", num_classes=3, per_class=1)
     args = [str(tmp_path), *TIMM_ARGS, "--num-classes", "2", "--output", str(tmp_path / "out")]
-    with pytest.raises(ValueError, match=r"labels must lie in \[0, 1\] for 2 classes.*check num_classes"):
+    with raises_documented("B28", ValueError, match=r"labels must lie in \[0, 1\] for 2 classes.*check num_classes"):
         load_tool("train_timm").main(args)
 
 
@@ -304,24 +318,47 @@ def test_B24_resume_from_a_truncated_checkpoint_mmpretrain(tmp_path):
     data = (tmp_path / "iter_2.pth").read_bytes()
     (tmp_path / "iter_2.pth").write_bytes(data[: len(data) // 3])  # what a crash during a plain torch.save leaves
     cfg = write_config(mm_config(tmp_path / "data", tmp_path / "wd"), tmp_path / "c.py")
-    with pytest.raises(ValueError, match=r"--resume .*iter_2.pth' is truncated.*Use the checkpoint before it"):
+    with raises_documented(
+        "B24", ValueError, match=r"--resume .*iter_2.pth' is truncated.*Use the checkpoint before it"
+    ):
         run_mm_inprocess(cfg, "--resume", str(tmp_path / "iter_2.pth"), name="b24")
 
 
+# Rows whose mistake raises nothing on purpose (what the user sees is checked by the row's tests).
+NOT_RAISING = {
+    "B25": "tools/train.py fixes the config (persistent_workers=False)",
+    "B26": "the atomic writers keep the previous checkpoint",
+}
+
+
 def test_catalogue_in_docs_matches_the_tests():
-    """Every row of docs/errors.md names tests that exist; every ``test_Bxx`` test has its row."""
+    """Every row of docs/errors.md names tests that exist and that check its message; README gives the count.
+
+    Each row's tests raise through ``raises_documented(row, ...)``, which compares the real error with the
+    row's message, so a changed message fails its test until the row is updated.
+    """
     here = Path(__file__).resolve().parent
     doc = (here.parents[1] / "docs" / "errors.md").read_text()
     rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| (B\d\d) \|.*\| ([^|]*) \|$", doc, re.M)}
     assert len(rows) >= 15
     source = "\n".join(p.read_text() for p in here.glob("test_rel_*.py"))
     defined = set(re.findall(r"^def (test_\w+)", source, re.M))
+    option_rows = {c[0] for c in OPTION_CASES}
     for row, cell in rows.items():
         names = [(n, star) for n, py, star in re.findall(r"(test_\w+)(\.py)?(\*?)", cell) if not py]
         assert names, f"row {row} names no test"
         for name, star in names:
             ok = any(d.startswith(name) for d in defined) if star else name in defined
-            ok = ok or (name.startswith("test_bad_option") and f'"{row}"' in source)
+            ok = ok or (name.startswith("test_bad_option") and row in option_rows)
             assert ok, f"row {row}: no test {name}{star}"
-    tested = set(re.findall(r"^def test_(B\d\d)_", source, re.M)) | set(re.findall(r'\("(B\d\d)", dict', source))
+        if row in NOT_RAISING:
+            continue
+        assert documented_messages(row), f"row {row} shows no `Type: message`"
+        checked = row in option_rows or re.search(rf'raises_documented\(\s*"{row}"|\("{row}", lambda', source)
+        checked = checked or (row in ("B24", "B30") and '"B24" if how == "truncated" else "B30"' in source)
+        assert checked, f"row {row}: no test checks its message with raises_documented"
+    tested = set(re.findall(r"^def test_(B\d\d)_", source, re.M)) | option_rows
     assert tested <= set(rows), f"tests without a row in docs/errors.md: {sorted(tested - set(rows))}"
+    readme = (here.parents[1] / "README.md").read_text()
+    counts = re.findall(r"(\d+)\s+kinds\s+of\s+bad\s+input", readme)
+    assert counts == [str(len(rows))], f"README says {counts} kinds of bad input, docs/errors.md has {len(rows)} rows"

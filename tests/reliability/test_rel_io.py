@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _rel_helpers import raises_documented
 
 from sd_plugin._io import atomic_save, atomic_write, check_checkpoint_file
 
@@ -60,15 +61,15 @@ def test_atomic_write_text(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "make_path, exc, words",
+    "row, make_path, exc, words",
     [
-        (lambda p: p, ValueError, "is a directory"),
-        (lambda p: p / "no" / "such" / "dir" / "x.pth", ValueError, "does not exist"),
-        (lambda p: 3, TypeError, "must be a str or os.PathLike"),
+        ("B22", lambda p: p, ValueError, "is a directory"),
+        ("B22", lambda p: p / "no" / "such" / "dir" / "x.pth", ValueError, "does not exist"),
+        (None, lambda p: 3, TypeError, "must be a str or os.PathLike"),
     ],
 )
-def test_bad_destination(tmp_path, make_path, exc, words):
-    with pytest.raises(exc, match=words):
+def test_bad_destination(tmp_path, row, make_path, exc, words):
+    with raises_documented(row, exc, match=words) if row else pytest.raises(exc, match=words):
         atomic_save({}, make_path(tmp_path))
 
 

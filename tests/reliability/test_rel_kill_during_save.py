@@ -16,7 +16,15 @@ from typing import List
 
 import pytest
 import torch
-from _rel_helpers import REPO, make_image_folder, mm_config, sd_resnet, subprocess_env, write_config
+from _rel_helpers import (
+    REPO,
+    make_image_folder,
+    mm_config,
+    raises_documented,
+    sd_resnet,
+    subprocess_env,
+    write_config,
+)
 from _rel_run import PYTHON, load_tool, max_abs_diff, probe, run_cmd, run_mm_inprocess
 
 from sd_plugin._io import atomic_save, check_checkpoint_file
@@ -133,7 +141,7 @@ def test_damaged_latest_checkpoint_names_the_file_and_the_last_good_one_mm(tmp_p
     cfg = write_config(mm_config(tmp_path / "data", work), tmp_path / "c.py")
     expected = r"iter_4.pth'.*(truncated|damaged).*newest intact checkpoint next to it is '.*iter_2.pth'"
     for resume in (["--resume"], ["--resume", str(work / "iter_4.pth")]):
-        with pytest.raises(ValueError, match=expected):
+        with raises_documented("B24" if how == "truncated" else "B30", ValueError, match=expected):
             run_mm_inprocess(cfg, *resume, name=f"damaged_{how}_{len(resume)}")
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _rel_helpers import make_image_folder, mm_config, sd_resnet, tiny_resnet, write_config
+from _rel_helpers import make_image_folder, mm_config, raises_documented, sd_resnet, tiny_resnet, write_config
 from _rel_run import load_tool, losses_of, max_abs_diff, probe, run_mm_inprocess, torchrun
 
 pytestmark = pytest.mark.mmpretrain
@@ -87,7 +87,7 @@ def test_amp_trains_in_reduced_precision_without_nan(tmp_path, data_root, kind):
 def test_amp_float16_on_cpu_is_refused(tmp_path, data_root, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     cfg = _write(tmp_path, "amp16", data_root=data_root, max_iters=1)
-    with pytest.raises(ValueError, match="bfloat16"):
+    with raises_documented("B21", ValueError, match="bfloat16"):
         run_mm_inprocess(cfg, "--amp", "--cfg-options", "optim_wrapper.dtype=float16", name="amp16")
 
 
@@ -164,7 +164,7 @@ def test_ddp_launcher_without_torchrun_says_how_to_launch(tmp_path, data_root, m
     if torch.cuda.is_available():
         pytest.skip("with CUDA mmengine's own launcher runs")
     cfg = _write(tmp_path, "nolaunch", data_root=data_root, max_iters=1)
-    with pytest.raises(ValueError, match="torchrun --nproc_per_node"):
+    with raises_documented("B20", ValueError, match="torchrun --nproc_per_node"):
         run_mm_inprocess(cfg, "--launcher", "pytorch", name="nolaunch")
 
 

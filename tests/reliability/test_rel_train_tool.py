@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _rel_helpers import mm_config, write_config
+from _rel_helpers import mm_config, raises_documented, write_config
 from _rel_run import load_tool
 
 from sd_plugin import _dist
@@ -91,5 +91,5 @@ def test_auto_scale_lr_without_its_config_section(cfg_path):
 
 def test_amp_optim_wrapper_in_the_config_on_cpu(cfg_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ValueError, match=r"'AmpOptimWrapper' needs a GPU.*CPUAutocastOptimWrapper"):
+    with raises_documented("B29", ValueError, match=r"'AmpOptimWrapper' needs a GPU.*CPUAutocastOptimWrapper"):
         _merged(cfg_path, "--cfg-options", "optim_wrapper.type=AmpOptimWrapper")
