@@ -50,6 +50,11 @@ COMPONENTS: List[Tuple[str, str, str]] = [
     ("`SelfDistillExitNeck` (MMPretrain neck)", "sd_plugin.mmpretrain_adapter:SelfDistillExitNeck", ""),
     ("`DistillWeightWarmupHook` (MMPretrain hook)", "sd_plugin.mmpretrain_adapter:DistillWeightWarmupHook", ""),
     ("`SaveStrippedCheckpointHook` (MMPretrain hook)", "sd_plugin.mmpretrain_adapter:SaveStrippedCheckpointHook", ""),
+    (
+        "`RNGStateHook` (MMPretrain hook)",
+        "sd_plugin.mmpretrain_adapter.rng_state_hook:RNGStateHook",
+        "Added by `tools/train.py` unless `--no-rng-state-hook`.",
+    ),
     ("`MultiExitAccuracy` (MMPretrain metric)", "sd_plugin.mmpretrain_adapter:MultiExitAccuracy", ""),
 ]
 
