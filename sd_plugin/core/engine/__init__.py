@@ -116,16 +116,14 @@ class _Chooser:
             raise RuntimeError(f"the probe returned batch {self.probe.output_batch}, expected {x.shape[0]}.")
         self._cuts: Dict[str, bool] = {}
         self.shrinkable: Dict[str, bool] = {}
+        self.unjudged: List[str] = []
 
     def is_cut(self, name: str) -> bool:
         """On the main path: handing on fewer samples there works, or (real probe) nothing else carries the input."""
         if name not in self._cuts:
             shrink = is_cut(self.root, name, self.run, self.x)
-            container = any(c.name == name and c.children for c in self.probe.calls)
-            if not shrink and self.meta and self.opts["real_possible"] and container:
-                # A stage-like container that only a real probe (the value test) can judge.
-                raise _NeedRealProbe(name)
-            self.shrinkable[name] = shrink
+            if not shrink and self.meta and any(c.name == name and c.children for c in self.probe.calls):
+                self.unjudged.append(name)  # a container only a real probe (the value test) can judge
             self._cuts[name] = shrink or (not self.meta and is_value_cut(self.root, name, self.run, self.x))
         return self._cuts[name]
 
@@ -244,6 +242,9 @@ def find_exit_layout(
                     x = torch.randn(PROBE_BATCH, *input_shape, generator=g).to(device=device, dtype=dtype)
                 chooser = _Chooser(root, run, x, opts, meta)
                 kind, positions, chosen = chooser.choose()
+                if meta and opts["real_possible"] and kind == BLOCK and chooser.unjudged:
+                    # Stage containers that need the full batch (Twins-SVT) look like no stages on meta.
+                    raise _NeedRealProbe(chooser.unjudged[0])
                 teacher_point = _teacher_point(chooser.probe, teacher) if teacher is not None else None
         except Exception as e:
             if meta and len(modes) > 1:
