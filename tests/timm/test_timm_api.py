@@ -212,6 +212,9 @@ def test_attribute_forwarding_edges() -> None:
     with pytest.raises(AttributeError):
         sd_model._private_flag  # noqa: B018 - private names are never forwarded
     assert not hasattr(sd_model, "_private_flag")
+    bare = sd_plugin.SelfDistillModel.__new__(sd_plugin.SelfDistillModel)  # as during __init__ or unpickling
+    with pytest.raises(AttributeError):  # no recursion before nn.Module.__init__ or before ``model`` is set
+        bare.num_layers  # noqa: B018
     cfg = dict(sd_model.pretrained_cfg, mean=(0.1, 0.2, 0.3))
     sd_model.pretrained_cfg = cfg  # timm's helpers set it: it lands on the timm model
     assert sd_model.model.pretrained_cfg is cfg and resolve_data_config(model=sd_model)["mean"] == (0.1, 0.2, 0.3)
