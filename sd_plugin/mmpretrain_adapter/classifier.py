@@ -49,7 +49,11 @@ class SelfDistillClassifier(ImageClassifier):
     automatically after every backbone stage but the last (after the blocks at
     1/4, 2/4, 3/4 of a plain ViT/DeiT); each one is a
     :class:`SelfDistillExitNeck` followed by a copy of the user's head (same
-    type and loss, ``in_channels`` set to the deepest head's). Features are read
+    type and loss, ``in_channels`` set to the measured width the deepest head
+    receives); a head that cannot be copied that way gets a ``LinearClsHead``
+    with its loss, and a ``ClsHead`` whose logits come from the backbone a
+    Linear to the logits with its loss (``exit_head_kind`` says which; see
+    ``_heads``). Features are read
     through forward hooks: the backbone config (``out_indices`` ...) is not touched.
 
     Parameter names: the model's own keep theirs (``backbone.*``, ``neck.*``, ``head.*``), so the config's

@@ -94,10 +94,9 @@ NEW: Dict[str, Tuple[str, Dict[str, Any], int, str]] = {
 }
 SLOW = {"inception_v3_logits_in_backbone", "vgg11_logits_in_backbone", "efficientformer", "vig", "pyramid_vig"}
 
-# Exit placement is not this file's subject: backbones the automatic discovery does not find yet get stage_modules.
+# Exit placement is not this file's subject: a backbone the probe cannot run at its default sizes gets probe_size.
 OPTIONS: Dict[str, Dict[str, Any]] = {
-    "conformer": {"stage_modules": [f"conv_trans_{i}" for i in range(2, 6)]},
-    "lenet_logits_in_backbone": {"probe_size": 32},  # LeNet-5 takes exactly 32x32
+    "lenet_logits_in_backbone": {"probe_size": 32},  # LeNet-5 takes exactly 32x32 (the probe tries 224)
 }
 
 
