@@ -21,6 +21,7 @@ from ._discovery import check_stage_modules, probe_input_shape
 from ._early_exit_infer import early_exit_logits, exit_scores_requested, parse_early_exit
 from ._head_calls import HeadOutput, deepest_head_loss, given_loss, head_loss, plain_logits, run_head
 from ._heads import HeadProbe, check_head, plan_exit_heads, probe_head, targets_of
+from ._layer_depth import exit_layer_depth
 from .distill_loss import SelfDistillLoss
 from .exit_neck import SelfDistillExitNeck
 
@@ -238,6 +239,11 @@ class SelfDistillClassifier(ImageClassifier):
         return run_head(self.exit_heads[k], self.exit_necks[k](feature))
 
     # --------------------------------------------------------------- train
+    def get_layer_depth(self, param_name: str) -> Tuple[int, int]:
+        """mmpretrain's layer-wise lr decay: the backbone's depths; each exit at the depth of the stage it reads."""
+        depth = exit_layer_depth(self, param_name)
+        return depth if depth is not None else super().get_layer_depth(param_name)
+
     def set_distill_scale(self, scale: float) -> None:
         """Scale the KD and hint weights (used by :class:`DistillWeightWarmupHook`)."""
         self.distill_loss.set_distill_scale(scale)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import pytest
 import torch
@@ -18,6 +18,7 @@ pytestmark = pytest.mark.mmpretrain
 
 RESNET_CIFAR = "resnet/resnet18_8xb16_cifar10.py"
 DEIT = ("deit/deit-tiny_4xb256_in1k.py", {"backbone.img_size": 32})
+CONVNEXT = ("convnext/convnext-tiny_32xb128_in1k.py", {"backbone.arch": "atto", "head.in_channels": 320})
 EXIT_PREFIXES = ("exit_necks.", "exit_heads.")
 
 
@@ -144,3 +145,30 @@ def test_paramwise_custom_keys_of_a_real_config() -> None:
     necks = _lr_by_name(sd, {"custom_keys": {"neck": {"lr_mult": 2}}})  # 'neck' keys reach the exit necks
     assert {v for n, v in necks.items() if n.startswith("exit_necks.")} == {0.1 * 2}
     assert sd.head.num_classes == NUM_CLASSES
+
+
+def test_layer_decay_constructor_of_a_real_config_puts_each_exit_at_its_stage() -> None:
+    """mmpretrain's ``LearningRateDecayOptimWrapperConstructor`` with a real config's settings (MAE fine-tuning):
+    the model's parameters get exactly the plain ImageClassifier's lr and decay; each exit the lr of the deepest
+    layer of the stage it reads."""
+    from mmengine import Config
+    from mmpretrain.engine.optimizers import LearningRateDecayOptimWrapperConstructor
+
+    cfg = Config.fromfile(packaged("mae/benchmarks/vit-base-p16_8xb128-coslr-100e_in1k.py")).optim_wrapper.to_dict()
+    assert cfg.pop("constructor") == "LearningRateDecayOptimWrapperConstructor"
+    paramwise = cfg.pop("paramwise_cfg")
+    sd, plain = build_pair(load_model_cfg(*CONVNEXT))
+
+    def groups(model: torch.nn.Module) -> Dict[str, Tuple[float, float]]:
+        wrapper = LearningRateDecayOptimWrapperConstructor(dict(cfg, type="OptimWrapper"), paramwise)(model)
+        by_id = {id(p): (g["lr"], g["weight_decay"]) for g in wrapper.optimizer.param_groups for p in g["params"]}
+        return {n: by_id[id(p)] for n, p in model.named_parameters()}
+
+    got, want = groups(sd), groups(plain)
+    assert {n: got[n] for n in want} == want
+    assert len({lr for lr, _ in want.values()}) > 4  # the decay took effect
+    head_lr = max(lr for n, (lr, _) in got.items() if n.startswith("head."))
+    for k, point in enumerate(sd.exit_points):
+        stage = {lr for n, (lr, _) in want.items() if n.startswith(f"backbone.{point.module}.")}
+        exit_lrs = {lr for n, (lr, _) in got.items() if n.startswith((f"exit_necks.{k}.", f"exit_heads.{k}."))}
+        assert exit_lrs == {max(stage)} and max(stage) < head_lr, point.module
