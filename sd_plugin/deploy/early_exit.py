@@ -7,25 +7,20 @@ the others on to the rest of the network (a smaller batch). When no sample is
 left, :class:`~sd_plugin.core.StopForward` ends the pass. An exit whose
 threshold is ``None`` is not computed at all.
 
-Every call keeps its book-keeping in local variables and the engine keeps its
-session per thread, so one :class:`EarlyExitModel` serves many threads at once
-and no hook is added or removed per call. A model without an exit engine (a
-hand-written :class:`~sd_plugin.core.MultiExitModel`) gets temporary hooks
-instead, and its calls are serialised by a per-model lock.
+Every call keeps its book-keeping in local variables and the engine's taps are
+installed once with per-thread sessions, so one :class:`EarlyExitModel` serves
+many threads at once and no hook is added or removed per call.
 """
 
 from __future__ import annotations
 
-import contextlib
-import threading
-import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union, cast
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union, cast
 
 import torch
 import torch.nn as nn
 
-from ..core import ExitPoint, FeatureTaps, MultiExitModel, StopForward, get_submodule, select_feature
+from ..core import MultiExitModel, StopForward
 from ._numbering import warn_exit_index
 from .policy import ExitPolicy, confidence_scores
 
@@ -80,74 +75,32 @@ class EarlyExitOutput:
 
 
 # ----------------------------------------------------------------------------------------------- interception
-_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.Lock] = weakref.WeakKeyDictionary()
-_LOCKS_GUARD = threading.Lock()
-
-
-def _model_lock(module: nn.Module) -> threading.Lock:
-    with _LOCKS_GUARD:
-        lock = _LOCKS.get(module)
-        if lock is None:
-            lock = _LOCKS[module] = threading.Lock()
-        return lock
-
-
-@contextlib.contextmanager
-def _hooked(mx: MultiExitModel, fn: Callable[[int, torch.Tensor, Any], Any]) -> Iterator[None]:
-    """Fallback for models without an exit engine: temporary hooks, one thread at a time per model."""
-    tapped = mx.tapped_module()
-    with _model_lock(tapped):
-        handles = []
-        try:
-            for k, point in enumerate(mx.exit_points):
-                module = get_submodule(tapped, point.module)
-
-                def call(value: Any, k: int = k, point: ExitPoint = point) -> Any:
-                    return fn(k, select_feature(value, point), value)
-
-                if point.hook == "forward_pre":
-                    handles.append(module.register_forward_pre_hook(lambda m, args, call=call: call(args)))
-                else:
-                    handles.append(module.register_forward_hook(lambda m, args, out, call=call: call(out)))
-            yield
-        finally:
-            for h in handles:
-                h.remove()
-
-
-def intercepting(model: Any, fn: Callable[[int, torch.Tensor, Any], Any]) -> Any:
-    """Context manager calling ``fn(k, feature, value)`` at every exit point of ``model``'s forward pass.
-
-    ``fn`` returns None (go on), a replacement value, or raises ``StopForward`` (see ``ExitEngine.intercept``).
-    """
-    engine = _engine(model)
-    if engine is not None:
-        return engine.intercept(fn)
-    return _hooked(cast(MultiExitModel, model), fn)
-
-
 def _engine(model: Any) -> Any:
-    """The model's exit engine (its persistent taps installed), or None."""
+    """The model's exit engine (:class:`~sd_plugin.core.engine.ExitEngine`), its persistent taps installed."""
     engine = getattr(model, "exit_engine", None)
-    if engine is None or not hasattr(engine, "intercept"):
-        return None
+    if engine is None:
+        raise TypeError(f"{type(model).__name__} has no exit_engine: it does not implement MultiExitModel.")
     ensure = getattr(engine, "ensure_installed", None)
     if callable(ensure):
         ensure()
     return engine
 
 
+def intercepting(model: Any, fn: Callable[[int, torch.Tensor, Any], Any]) -> Any:
+    """Context manager calling ``fn(k, feature, value)`` at every exit point of ``model``'s forward pass.
+
+    ``fn`` returns None (go on), a replacement value, or raises ``StopForward`` (``ExitEngine.intercept``: the
+    engine's taps are persistent and its sessions per thread, so nothing is registered per call).
+    """
+    return _engine(model).intercept(fn)
+
+
 def forward_with_features(model: Any, inputs: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
     """The deepest logits and every exit point's feature from one forward pass (the engine's capture)."""
     mx = as_multi_exit(model)
-    engine = _engine(model)
-    if engine is not None:
-        with engine.capture() as cap:
-            deepest = mx.forward_deepest(inputs)
-        return deepest, list(cap.features)[: mx.num_exits]
-    with _model_lock(mx.tapped_module()), FeatureTaps(mx.tapped_module(), mx.exit_points) as taps:
+    with _engine(model).capture() as cap:
         deepest = mx.forward_deepest(inputs)
-    return deepest, taps.features
+    return deepest, list(cap.features)[: mx.num_exits]
 
 
 def _subset(value: Any, keep: torch.Tensor, batch: int, k: int) -> Any:
@@ -165,42 +118,52 @@ def _subset(value: Any, keep: torch.Tensor, batch: int, k: int) -> Any:
 
 # ------------------------------------------------------------------------------------------------ the cascade
 class _Run:
-    """Book-keeping of one early-exit forward pass (local to the call: calls share no state)."""
+    """Book-keeping of one early-exit forward pass (local to the call: calls share no state).
+
+    ``rows`` are the original indices of the samples in the batch the model is processing now; ``open_pos`` the
+    positions in it of the samples still unanswered (None: all of them). At a point that cannot hand on fewer
+    samples (``ExitPoint.shrinkable`` False) the answered samples stay in the batch, marked answered.
+    """
 
     def __init__(self, mx: MultiExitModel, inputs: torch.Tensor, bounds: Sequence[float], criterion: str) -> None:
         self.mx = mx
+        self.points = mx.exit_points
         self.bounds = list(bounds)
         self.criterion = criterion
         self.batch = inputs.shape[0]
-        self.remaining = torch.arange(self.batch, device=inputs.device)
+        self.rows = torch.arange(self.batch, device=inputs.device)
+        self.open_pos: Optional[torch.Tensor] = None
         self.logits: Optional[torch.Tensor] = None
         self.exit = torch.full((self.batch,), mx.num_exits + 1, dtype=torch.long, device=inputs.device)
         self.entered = [0] * mx.num_exits
 
-    def answer(self, rows: Optional[torch.Tensor], logits: torch.Tensor, k: int) -> None:
+    def open_rows(self) -> torch.Tensor:
+        return self.rows if self.open_pos is None else self.rows.index_select(0, self.open_pos)
+
+    def answer(self, rows: torch.Tensor, logits: torch.Tensor, k: int) -> None:
         if self.logits is None:
-            if rows is None and logits.shape[0] == self.batch:
-                self.logits = logits  # everything answered at once: no copy
+            if rows.numel() == self.batch:
+                self.logits = logits  # everything answered at once, in input order: no copy
                 self.exit.fill_(k + 1)
                 return
             self.logits = logits.new_zeros(self.batch, logits.shape[1])
-        if rows is None:
-            rows = self.remaining
         self.logits.index_copy_(0, rows, logits)
         self.exit.index_fill_(0, rows, k + 1)
 
     def __call__(self, k: int, feature: torch.Tensor, value: Any) -> Any:
-        n = self.remaining.numel()
+        m = self.rows.numel()
+        if feature.shape[0] != m:
+            raise RuntimeError(
+                f"exit {k + 1} got {feature.shape[0]} samples, expected {m}: the feature's first dimension must "
+                "be the batch."
+            )
+        open_rows = self.open_rows()
+        n = open_rows.numel()
         self.entered[k] = n
         bound = self.bounds[k]
         if bound == float("inf"):
             return None  # this exit never answers: do not compute it
-        if feature.shape[0] != n:
-            raise RuntimeError(
-                f"exit {k + 1} got {feature.shape[0]} samples, expected {n}: the feature's first dimension must "
-                "be the batch."
-            )
-        logits = self.mx.forward_exit(k, feature)
+        logits = self.mx.forward_exit(k, feature if self.open_pos is None else feature.index_select(0, self.open_pos))
         if logits.dim() != 2 or logits.shape[0] != n:
             raise RuntimeError(f"exit {k + 1} returned {tuple(logits.shape)} logits for {n} samples.")
         done = confidence_scores(logits, self.criterion) >= bound
@@ -209,12 +172,16 @@ class _Run:
         if n_done == 0:
             return None
         if n_done == n:
-            self.answer(None, logits, k)
+            self.answer(open_rows, logits, k)
             raise StopForward
-        self.answer(self.remaining.index_select(0, picked), logits.index_select(0, picked), k)
+        self.answer(open_rows.index_select(0, picked), logits.index_select(0, picked), k)
         keep = (~done).nonzero().squeeze(1)
-        self.remaining = self.remaining.index_select(0, keep)
-        return _subset(value, keep, n, k)
+        keep_pos = keep if self.open_pos is None else self.open_pos.index_select(0, keep)
+        if not getattr(self.points[k], "shrinkable", True):
+            self.open_pos = keep_pos  # the model needs its whole batch: answered samples ride along
+            return None
+        self.rows, self.open_pos = self.rows.index_select(0, keep_pos), None
+        return _subset(value, keep_pos, m, k)
 
 
 def early_exit_forward(
@@ -241,14 +208,15 @@ def early_exit_forward(
         deepest = None
     reached = 0
     if deepest is not None:
-        if deepest.dim() != 2 or deepest.shape[0] != run.remaining.numel():
+        if deepest.dim() != 2 or deepest.shape[0] != run.rows.numel():
             raise RuntimeError(
-                f"the deepest classifier returned shape {tuple(deepest.shape)} for {run.remaining.numel()} "
-                "remaining samples: this model's forward does not accept the smaller batch early exit hands on; "
-                "use batch size 1."
+                f"the deepest classifier returned shape {tuple(deepest.shape)} for {run.rows.numel()} samples: "
+                "this model's forward does not accept the smaller batch early exit hands on; use batch size 1."
             )
+        if run.open_pos is not None:
+            deepest = deepest.index_select(0, run.open_pos)
         reached = deepest.shape[0]
-        run.answer(None, deepest, mx.num_exits)
+        run.answer(run.open_rows(), deepest, mx.num_exits)
     if run.logits is None:
         raise RuntimeError("the forward pass answered no sample: the model's exits did not run.")
     return EarlyExitOutput(run.logits, run.exit, [*run.entered, reached])

@@ -138,6 +138,12 @@ def export_cascade(
         raise ValueError("export the model in eval mode: call model.eval() first.")
     if policy.num_exits != mx.num_exits:
         raise ValueError(f"the policy has {policy.num_exits} thresholds for a model with {mx.num_exits} exits.")
+    fixed = [k + 1 for k, p in enumerate(mx.exit_points) if not getattr(p, "shrinkable", True)]
+    if fixed:
+        raise ValueError(
+            f"exit point(s) {fixed} cannot hand on fewer samples (the model's later code needs the whole batch), so "
+            "the model cannot be cut there into a cascade; use EarlyExitModel or other exit indices."
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     e = mx.num_exits

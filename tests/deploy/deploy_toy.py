@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from sd_plugin.core import ExitPoint, build_exit
+from sd_plugin.core.engine import ExitEngine
 
 
 class CountingStage(nn.Module):
@@ -49,6 +50,7 @@ class ToyMultiExit(nn.Module):
         self.points = [ExitPoint("stages.0", "NCHW", 8, stride=4), ExitPoint("stages.1", "NCHW", 16, stride=2)]
         self.exits = nn.ModuleList(build_exit(p.fmt, p.channels, 32, p.stride) for p in self.points)
         self.exit_heads = nn.ModuleList(nn.Linear(32, num_classes) for _ in self.points)
+        self.exit_engine = ExitEngine(self.net, self.points)
 
     @property
     def exit_points(self) -> Sequence[ExitPoint]:
@@ -114,7 +116,22 @@ def check_truncation_and_early_exit(model: nn.Module, x: torch.Tensor) -> torch.
         torch.testing.assert_close(truncate(model, exit=k + 1, example_input=x[:1])(x), ref[k], rtol=1e-4, atol=1e-5)
     probs = ref[:-1].softmax(-1).max(-1).values
     thresholds = [float(p.quantile(0.5)) for p in probs]
-    out = EarlyExitModel(model, thresholds).eval()(x)
+    # Count the samples entering every exit point's stage with hooks of our own, independently of the
+    # EarlyExitModel's bookkeeping.
+    from sd_plugin.core import get_submodule
+
+    entered = [0] * num_exits
+    handles = [
+        get_submodule(model.tapped_module(), p.module).register_forward_hook(  # type: ignore[operator]
+            lambda m, args, out, k=k: entered.__setitem__(k, entered[k] + args[0].shape[0])
+        )
+        for k, p in enumerate(model.exit_points)  # type: ignore[attr-defined]
+    ]
+    try:
+        out = EarlyExitModel(model, thresholds).eval()(x)
+    finally:
+        for h in handles:
+            h.remove()
     expected = torch.full((n,), num_exits)
     for k in reversed(range(num_exits)):
         expected = torch.where(probs[k] >= thresholds[k], k, expected)
@@ -122,4 +139,12 @@ def check_truncation_and_early_exit(model: nn.Module, x: torch.Tensor) -> torch.
     torch.testing.assert_close(out.logits, ref[expected, torch.arange(n)], rtol=1e-4, atol=1e-5)
     remaining = [n - int((expected < k).sum()) for k in range(num_exits + 1)]
     assert out.samples_per_stage == remaining
+    # The stages really ran on only the samples still undecided; after a point that cannot hand on fewer samples
+    # (ExitPoint.shrinkable False) the batch stays as it was at the last point that could.
+    batch, ran = n, []
+    for k, p in enumerate(model.exit_points):  # type: ignore[attr-defined]
+        ran.append(batch if remaining[k] else 0)
+        if getattr(p, "shrinkable", True):
+            batch = remaining[k + 1]
+    assert entered == ran
     return expected

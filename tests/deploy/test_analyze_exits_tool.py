@@ -21,7 +21,7 @@ def test_report_end_to_end(tmp_path):
     report = analyze_exits.main(
         ["--timm-model", "resnet10t", "--checkpoint", str(tmp_path / "sd.pth"), "--num-classes", "10",
          "--img-size", "32", "--data", str(ROOT / "demo_data" / "cifar10_mini"), "--max-samples", "32",
-         "--calib-split", "train", "--calib-samples", "48", "--repeats", "1", "--max-drops", "50",
+         "--calib-split", "train", "--calib-samples", "48", "--repeats", "1", "--b1-images", "4", "--max-drops", "50",
          "--out-dir", str(tmp_path), "--name", "r"]
     )  # fmt: skip
     assert [r["exit"] for r in report["exits"]] == ["exit1", "exit2", "exit3", "deepest", "ensemble"]

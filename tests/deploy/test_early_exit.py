@@ -84,3 +84,26 @@ def test_thresholds_travel_with_state_dict():
     assert torch.equal(other.model.net.fc.weight, model.net.fc.weight)
     # The wrapped model's own state dict is unchanged (no extra keys inside it).
     assert set(model.state_dict()) == {k[len("model.") :] for k in ee.state_dict() if k.startswith("model.")}
+
+
+@torch.no_grad()
+def test_point_that_cannot_shrink_keeps_the_batch_and_gives_the_same_answers():
+    import dataclasses
+
+    from sd_plugin.core.engine import ExitEngine
+
+    model, x = toy(seed=1), torch.randn(12, 3, 16, 16)
+    conf = torch.stack(all_exit_logits(model, x)).softmax(-1).max(-1).values
+    thresholds = [float(conf[0].quantile(0.5)), float(conf[1].quantile(0.5))]
+    want = EarlyExitModel(model, thresholds).eval()(x)
+    model.exit_engine.remove()
+    model.points = [model.points[0], dataclasses.replace(model.points[1], shrinkable=False)]
+    model.exit_engine = ExitEngine(model.net, model.points)
+    model.reset_calls()
+    got = EarlyExitModel(model, thresholds).eval()(x)
+    assert torch.equal(got.exit, want.exit) and torch.equal(got.logits, want.logits)
+    assert got.samples_per_stage == want.samples_per_stage
+    n0 = want.samples_per_stage[1]
+    assert 0 < want.samples_per_stage[2] < n0 < 12
+    # Stage 2 still ran on every sample that reached exit 2 (the model needs its whole batch after that point).
+    assert _stage_calls(model) == [[12], [n0], [n0]]
