@@ -45,6 +45,7 @@ def _children(pid: int) -> list:
     return [int(p) for p in out.split()]
 
 
+@pytest.mark.slow
 def test_sigterm_stops_training_and_its_workers(tmp_path):
     """SIGTERM (what schedulers and torchrun send) mid-training: exit code 143, no data-loader worker left behind."""
     data = make_image_folder(tmp_path / "data", num_classes=2, per_class=8)

@@ -86,6 +86,7 @@ def test_nested_and_user_added_globals_survive_the_scope():
     assert not any(g is getattr for g in torch.serialization.get_safe_globals())
 
 
+@pytest.mark.slow
 @pytest.mark.mmpretrain
 def test_resume_and_load_from_need_no_environment_variable(tmp_path, monkeypatch):
     """The real Runner: a 2-iteration run, then ``--resume`` to iteration 3 and a ``load_from`` run."""

@@ -11,6 +11,7 @@ from _rel_run import run_mm_inprocess
 pytestmark = pytest.mark.mmpretrain
 
 
+@pytest.mark.slow
 def test_every_checkpoint_and_the_best_get_a_stripped_copy(tmp_path):
     data = make_image_folder(tmp_path / "data", num_classes=2, per_class=4)
     work = tmp_path / "wd"
