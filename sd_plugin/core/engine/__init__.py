@@ -122,6 +122,7 @@ class _Chooser:
         """On the main path: handing on fewer samples there works, or (real probe) nothing else carries the input."""
         if name not in self._cuts:
             shrink = is_cut(self.root, name, self.run, self.x)
+            self.shrinkable[name] = shrink
             if not shrink and self.meta and any(c.name == name and c.children for c in self.probe.calls):
                 self.unjudged.append(name)  # a container only a real probe (the value test) can judge
             self._cuts[name] = shrink or (not self.meta and is_value_cut(self.root, name, self.run, self.x))
