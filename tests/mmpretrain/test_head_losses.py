@@ -86,7 +86,8 @@ NEW: Dict[str, Tuple[str, Dict[str, Any], int, str]] = {
     ),
     "vig": ("vig/vig-tiny_8xb128_in1k.py", {"head.hidden_dim": 64}, 224, "copy"),
     "pyramid_vig": ("vig/pvig-tiny_8xb128_in1k.py", {"head.hidden_dim": 64}, 224, "copy"),
-    "efficientformer": ("efficientformer/efficientformer-l1_8xb128_in1k.py", {"head.distillation": False}, 32, "copy"),
+    # Its last stage's attention is built for 7x7 maps: 224 px.
+    "efficientformer": ("efficientformer/efficientformer-l1_8xb128_in1k.py", {"head.distillation": False}, 224, "copy"),
     "deit_distilled": ("deit/deit-tiny-distilled_4xb256_in1k.py", {"backbone.img_size": 32}, 32, "linear"),
     "lenet_logits_in_backbone": ("lenet/lenet5_mnist.py", {}, 32, "logits"),
     "inception_v3_logits_in_backbone": ("inception_v3/inception-v3_8xb32_in1k.py", {}, 96, "logits"),
