@@ -22,7 +22,7 @@ CONVNEXT = ("convnext/convnext-tiny_32xb128_in1k.py", {"backbone.arch": "atto", 
 EXIT_PREFIXES = ("exit_necks.", "exit_heads.")
 
 
-@pytest.fixture(scope="module", params=["resnet_cifar", "deit_tiny"])
+@pytest.fixture(scope="module", params=["resnet_cifar", pytest.param("deit_tiny", marks=pytest.mark.slow)])
 def pair(request: Any) -> Any:
     cfg = load_model_cfg(RESNET_CIFAR) if request.param == "resnet_cifar" else load_model_cfg(*DEIT)
     sd, plain = build_pair(cfg)
