@@ -267,7 +267,7 @@ def measure_cost(route: ModuleType, args: argparse.Namespace, splits: DataSplits
 
 def _recipe(args: argparse.Namespace, splits: DataSplits, route: ModuleType, wall_s: float) -> str:
     cmd = "python -m tools.benchmark " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    sd = "arms " + ", ".join(args.arms) + " (tools/bench/arms.py)"
+    sd = ", ".join(args.arms) + " (tools/bench/arms.py)"
     if args.sd_options:
         sd += ", with " + ", ".join(f"{k}={v!r}" for k, v in args.sd_options.items())
     machine = (
