@@ -72,7 +72,7 @@ def measure_speed(
         model: The model with exits (eval mode).
         policy: The thresholds.
         images: Test images (preprocessed); batch 32 uses all of them in chunks of 32, batch 1 the first
-            ``num_singles``.
+            ``num_singles`` (default 64).
         repeats: Timed rounds (medians reported).
         onnx: Also time the ONNX cascade against the plain model's ONNX export.
         threads: ONNX Runtime intra-op threads (0: its default).
@@ -121,7 +121,11 @@ def measure_speed(
     finally:
         if tmp is not None:
             tmp.cleanup()
+    with torch.inference_mode():
+        timed_exits = torch.cat([ee(b).exit for b in batches])
+    shares = torch.bincount(timed_exits - 1, minlength=ee.policy.num_exits + 1).double() / timed_exits.numel()
     out: Dict[str, Any] = {
+        "timed_exit_share": shares.tolist(),
         "speedup_b1": _ratio(times, "plain_b1", "ee_b1"),
         "speedup_b32": _ratio(times, "plain_b32", "ee_b32"),
         "aa_b1": _ratio(times, "plain_b1", "aa_b1"),

@@ -73,6 +73,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--calib-samples", type=int, default=2000, help="validation samples used for the thresholds")
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime timing of the cascade")
     p.add_argument("--b1-images", type=int, default=64, help="test images timed one by one (batch 1)")
+    p.add_argument("--b32-images", type=int, default=None, help="test images timed in batches of 32 (default: all)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5, help="timed repeats (medians are reported)")
     p.add_argument("--max-drops", type=float, nargs="+", default=[0.5, 1.0], help="calibration targets (top-1 points)")
@@ -244,7 +245,7 @@ def operating_points(
         speed = measure_speed(
             model,
             policy,
-            images,
+            images[: args.b32_images],
             repeats=args.repeats,
             num_singles=args.b1_images,
             onnx=not args.no_onnx,

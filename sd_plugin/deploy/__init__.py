@@ -9,6 +9,7 @@ from .calibrate import ExitLogits, calibrate, collect_exit_logits, evaluate_poli
 from .early_exit import EarlyExitModel, EarlyExitOutput
 from .flops import ExitCosts, exit_costs
 from .onnx import check_onnx, export_onnx
+from .onnx_cascade import CascadeOutput, OnnxCascade, export_cascade
 from .policy import ExitPolicy
 from .strip import plain_state_dict, strip_checkpoint, strip_state_dict
 from .truncate import TruncatedModel, truncate
@@ -27,6 +28,9 @@ __all__ = [
     "truncate",
     "export_onnx",
     "check_onnx",
+    "export_cascade",
+    "OnnxCascade",
+    "CascadeOutput",
     "strip_state_dict",
     "strip_checkpoint",
     "plain_state_dict",
