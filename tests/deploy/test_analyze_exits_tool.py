@@ -21,7 +21,7 @@ def test_report_end_to_end(tmp_path):
     report = analyze_exits.main(
         ["--timm-model", "resnet10t", "--checkpoint", str(tmp_path / "sd.pth"), "--num-classes", "10",
          "--img-size", "32", "--data", str(ROOT / "demo_data" / "cifar10_mini"), "--max-samples", "32",
-         "--calib-split", "train", "--calib-samples", "48", "--repeats", "1", "--b1-images", "4", "--max-drops", "50",
+         "--calib-split", "train", "--calib-samples", "48", "--repeats", "1", "--b1-images", "4", "--max-drops", "2",
          "--out-dir", str(tmp_path), "--name", "r"]
     )  # fmt: skip
     assert [r["exit"] for r in report["exits"]] == ["exit1", "exit2", "exit3", "deepest", "ensemble"]
@@ -32,6 +32,15 @@ def test_report_end_to_end(tmp_path):
     assert point["calibration"]["num_samples"] == 48 and point["test"]["num_samples"] == 32
     assert list(point["test"]["exit_share"]) == ["exit1", "exit2", "exit3", "deepest"]
     assert point["speedup_b1"] > 0 and point["onnx_speedup_b32"] > 0 and point["ideal_speedup"] >= 1 / 1.2
+    # Cross-checks that fail when the tool's bookkeeping is wrong: the shares add up, the average cost is the
+    # share-weighted cost of answering at each exit, the calibrated drop keeps to the limit on the calibration
+    # data, and the ideal speed-up is the plain model's FLOPs over that cost.
+    test = point["test"]
+    shares = [test["exit_share"][k] for k in ("exit1", "exit2", "exit3", "deepest")]
+    assert sum(shares) == pytest.approx(1.0, abs=1e-9)
+    assert test["flops"] == pytest.approx(sum(s * f for s, f in zip(shares, report["answer_flops"])), rel=1e-9)
+    assert point["calibration"]["drop"] <= point["max_drop"] == 2.0
+    assert point["ideal_speedup"] == pytest.approx(report["exits"][3]["flops"] / test["flops"], rel=1e-9)
     assert json.loads((tmp_path / "r.json").read_text())["num_samples"] == 32
     assert (tmp_path / "r.png").stat().st_size > 0 and "| deepest |" in (tmp_path / "r.md").read_text()
 
