@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from ..config import SelfDistillConfig, default_block_exits, default_stage_exits
-from ._layout import Position, block_run, group, main_path, named_positions, to_point
+from ._layout import Position, block_run, group, leaf_share_after, main_path, named_positions, to_point
 from ._points import FEATURE_FORMATS, ExitPoint, StopForward, get_submodule, select_feature
 from ._probe import PROBE_BATCH, Probe, ProbeError, is_cut, is_value_cut, probe_mode, trace
 from ._taps import Capture, ExitEngine, InterceptFn
@@ -159,9 +159,15 @@ class _Chooser:
 
     def _stages_or_blocks(self, positions: List[Position], hw: Tuple[int, int]) -> Tuple[str, List[Position]]:
         ends = group(positions, hw)
+        blocks = block_run(self.probe, self.is_cut, self.opts["channels"], self.opts["prefer_nhwc"])
+        if blocks and len(ends) >= 2:
+            # A stem with resolution changes of its own (T2T-ViT's tokens-to-token) before a long body of repeated
+            # blocks: the blocks are the depth, so exits go after blocks, not inside the stem.
+            body_start = self.probe.calls[ends[-2].call].end
+            if self.probe.calls[blocks[0].call].start > body_start and leaf_share_after(self.probe, body_start) >= 0.75:
+                return BLOCK, blocks
         if len(ends) >= 3:
             return STAGE, ends
-        blocks = block_run(self.probe, self.is_cut, self.opts["channels"], self.opts["prefer_nhwc"])
         if blocks:
             return BLOCK, blocks
         if len(ends) >= 2:

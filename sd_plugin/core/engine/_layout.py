@@ -54,6 +54,10 @@ def tensor_layout(
     if len(shape) == 2:
         return "NC", shape[1], ()
     if len(shape) == 3:
+        side = math.isqrt(shape[2])
+        map_last = side * side == shape[2] and _spatial_like(side, side, input_hw)
+        if map_last and shape[1] != shape[2] and math.isqrt(shape[1]) ** 2 != shape[1]:
+            return None  # (N, C, L) channels-first tokens (e.g. nn.Unfold): no exit reads those
         return "NLC", shape[2], (shape[1],)
     if len(shape) == 4:
         nchw = _spatial_like(shape[2], shape[3], input_hw)
@@ -213,6 +217,12 @@ def block_run(
         if is_cut(run[0].name) and is_cut(run[-1].name):
             return run
     return []
+
+
+def leaf_share_after(probe: Probe, end: int) -> float:
+    """Share of the pass's leaf-module calls that finish after clock ``end`` (a rough measure of depth/work)."""
+    leaves = [c for c in probe.calls if c.is_leaf and c.end >= 0]
+    return sum(1 for c in leaves if c.end > end) / max(1, len(leaves))
 
 
 def stride_between(here: Position, deepest: Position) -> int:
