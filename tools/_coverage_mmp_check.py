@@ -5,7 +5,8 @@ the plain ``ImageClassifier`` gets exactly its weights (built on the meta device
 copied by name; on CPU where a backbone cannot be built on meta). Then, on one batch from the config's own data
 preprocessor (Mixup/CutMix included) and the same random state: the deepest classifier's loss must equal the plain
 model's; every exit parameter must get a finite non-zero gradient; after an SGD step and copying the weights over
-(``load_state_dict(strict=True)``: same keys), ``predict`` must give identical scores.
+(``load_state_dict(strict=True)``: same keys), ``predict`` must give identical scores; and the exits must sit
+somewhere useful (:mod:`tools._coverage_placement`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any, Dict, List, Tuple
 import torch
 import torch.nn as nn
 
+from tools._coverage_placement import placement_problem
 from tools._coverage_run import BROKEN, FAIL, OK, SLOW
 
 Size = Tuple[int, int]
@@ -212,4 +214,7 @@ def _compare(
     if got.shape != want.shape or not torch.equal(got, want):
         diff = (got - want).abs().max().item() if got.shape == want.shape else f"shapes {got.shape} {want.shape}"
         return dict(out, status=FAIL, error=f"predict differs from the plain model (max |diff| {diff})")
+    problem = placement_problem(sd, x)
+    if problem:
+        return dict(out, status=FAIL, error=f"misplaced exits: {problem}")
     return dict(out, status=OK)

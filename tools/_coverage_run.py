@@ -15,6 +15,8 @@ from collections import defaultdict
 from multiprocessing.connection import Connection, wait
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
+import torch  # imported before forking: every child has it already
+
 #: Statuses: works; fails with sd_plugin; the plain model fails without sd_plugin; too slow/large for this machine.
 OK, FAIL, BROKEN, SLOW = "ok", "fail", "fails without sd_plugin", "too slow or large here"
 STATUSES = (OK, FAIL, BROKEN, SLOW)
@@ -23,8 +25,6 @@ Task = Tuple[str, Tuple[Any, ...], float]  # (key, args of the check, time limit
 
 
 def _child(fn: Callable[..., Dict[str, Any]], args: Tuple[Any, ...], conn: Connection) -> None:
-    import torch
-
     torch.set_num_threads(1)
 
     def extend_limit(seconds: float) -> None:

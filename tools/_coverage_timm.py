@@ -9,6 +9,7 @@ import timm
 import torch
 import torch.nn as nn
 
+from tools._coverage_placement import placement_problem
 from tools._coverage_run import BROKEN, FAIL, OK, SLOW
 
 Size = Tuple[int, int, int]
@@ -102,7 +103,8 @@ def build(name: str, img_size: int) -> Tuple[nn.Module, Size, torch.Tensor]:
 
 def check(name: str, img_size: int, limits: Tuple[float, float, float], extend_limit: Any = None) -> Dict[str, Any]:
     """wrap, one training step (finite loss, finite non-zero gradient on every exit parameter), eval output
-    identical to the plain model's, unwrap gives back the same model, unchanged, without hooks.
+    identical to the plain model's, exits where they are useful (:mod:`tools._coverage_placement`), unwrap gives
+    back the same model, unchanged, without hooks.
 
     ``limits``: (max parameters, large parameters, time limit of a large model): models over the first are not
     tried; over the second, ``extend_limit`` raises this check's time limit."""
@@ -154,6 +156,9 @@ def check(name: str, img_size: int, limits: Tuple[float, float, float], extend_l
         with torch.no_grad():
             if not torch.equal(sd_model(x), before):
                 return dict(result, status=FAIL, error="eval output differs from the plain model")
+            problem = placement_problem(sd_model, x)
+            if problem:
+                return dict(result, status=FAIL, error=f"misplaced exits: {problem}")
             plain = sd_plugin.unwrap(sd_model)
             if plain is not model or list(plain.state_dict()) != keys_before:
                 return dict(result, status=FAIL, error="unwrap did not give back the same model with the same keys")

@@ -1,0 +1,107 @@
+"""The coverage tools: subprocess runner (limits, crashes), which MMPretrain configs count, and the checks."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Dict
+
+import pytest
+
+from tools._coverage_run import BROKEN, FAIL, OK, SLOW, markdown_table, run_checks, summarize
+
+
+def _sleep(seconds: float) -> Dict[str, Any]:
+    time.sleep(seconds)
+    return dict(status=OK)
+
+
+def _crash() -> Dict[str, Any]:
+    os._exit(3)  # dies without sending a result
+
+
+def _raise() -> Dict[str, Any]:
+    raise RuntimeError("boom")
+
+
+def _slow_but_extends(seconds: float, extend_limit: Any = None) -> Dict[str, Any]:
+    extend_limit(60.0)
+    time.sleep(seconds)
+    return dict(status=OK)
+
+
+def test_run_checks_limits_crashes_and_extensions() -> None:
+    tasks = [
+        ("quick", (0.0,), 30.0),
+        ("hangs", (60.0,), 1.0),
+    ]
+    got = dict(run_checks(_sleep, tasks, jobs=2))
+    assert got["quick"]["status"] == OK
+    assert got["hangs"]["status"] == SLOW and "1 s limit" in got["hangs"]["error"]
+    assert got["hangs"]["seconds"] < 30
+
+    crashed = dict(run_checks(_crash, [("c", (), 30.0)]))["c"]
+    assert crashed["status"] == FAIL and "exit code 3" in crashed["error"]
+    raised = dict(run_checks(_raise, [("r", (), 30.0)]))["r"]
+    assert raised["status"] == FAIL and "RuntimeError: boom" in raised["error"]
+    # the limit was 1 s, the check raised it to 60 s before sleeping 2 s
+    extended = dict(run_checks(_slow_but_extends, [("e", (2.0,), 1.0)]))["e"]
+    assert extended["status"] == OK, extended
+
+
+def test_summary_counts_everything_but_ok_as_failure() -> None:
+    results = {
+        "a/1": dict(status=OK),
+        "a/2": dict(status=FAIL, error="x"),
+        "b/1": dict(status=BROKEN, error="y"),
+        "b/2": dict(status=SLOW, error="z"),
+    }
+    summary = summarize(results, lambda k: k.split("/")[0])
+    assert summary["overall"]["total"] == 4 and summary["overall"]["fraction_ok"] == 0.25
+    assert summary["families"]["a"]["fraction_ok"] == 0.5 and summary["families"]["b"]["fraction_ok"] == 0.0
+    table = markdown_table(summary, "family")
+    assert "| a | 1 | 1 | 0 | 0 | 2 | 50.0 |" in table and "| **all** | 1 | 1 | 1 | 1 | 4 | 25.0 |" in table
+
+
+@pytest.mark.slow
+@pytest.mark.mmpretrain
+def test_mmpretrain_configs_counted_and_excluded() -> None:
+    from tools._coverage_mmp import enumerate_configs, input_size
+
+    counted, excluded = enumerate_configs("*")
+    assert len(counted) > 400
+    assert "resnet/resnet18_8xb16_cifar10.py" in counted and input_size(
+        counted["resnet/resnet18_8xb16_cifar10.py"]
+    ) == (
+        32,
+        32,
+    )
+    assert input_size(counted["vision_transformer/vit-base-p16_64xb64_in1k-384px.py"]) == (384, 384)
+    assert excluded["mae/mae_vit-base-p16_8xb512-amp-coslr-300e_in1k.py"].startswith("self-supervised")
+    assert "without a head" in excluded["dinov2/vit-small-p14_dinov2-pre_headless.py"]
+    # mmengine cannot load these; their model base file says ImageClassifier, so they count (as failures)
+    assert isinstance(counted["replknet/replknet-31B_32xb64_in1k.py"], str)
+
+
+@pytest.mark.slow
+@pytest.mark.mmpretrain
+def test_mmpretrain_check_of_one_config() -> None:
+    from mmengine import Config
+
+    from tools._coverage_mmp import CONFIG_ROOT, model_cfg
+    from tools._coverage_mmp_check import check_config
+
+    cfg = Config.fromfile(os.path.join(CONFIG_ROOT, "resnet/resnet18_8xb16_cifar10.py"))
+    r = check_config(model_cfg(cfg), (32, 32), 0, 4e8)
+    assert r["status"] == OK, r
+    assert r["loss_exact"] and r["size"] == [32, 32] and r["num_exits"] == 3
+
+
+@pytest.mark.slow
+@pytest.mark.timm
+def test_timm_check_of_one_architecture() -> None:
+    from tools._coverage_timm import check
+
+    r = check("test_resnet", 32, (1e9, 1e9, 60.0))
+    assert r["status"] == OK, r
+    assert r["input_size"] == [3, 32, 32] and r["num_exits"] >= 1

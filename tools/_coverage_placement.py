@@ -1,0 +1,47 @@
+"""Sanity of where the exits sit, for the coverage checks: gradients and equality pass even for useless exits.
+
+An exit placement is refused when an exit module is nested in (or the same as) another exit's module, when an
+exit reads the input image itself, or when an exit reads the last element of a backbone container (``stages.3`` of
+a 4-stage net, ``layers.11`` of a 12-block ViT): the deepest classifier's own stage, whose exit would duplicate it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, Optional
+
+import torch
+import torch.nn as nn
+
+
+def placement_problem(model: Any, x: torch.Tensor) -> Optional[str]:
+    """Why the exits of ``model`` (a ``MultiExitModel`` in eval mode) are misplaced, or None; ``x`` is an input."""
+    tapped: nn.Module = model.tapped_module()
+    names = [str(p.module) for p in model.exit_points]
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            if a == b or b.startswith(a + ".") or a.startswith(b + ".") or "" in (a, b):
+                return f"exit modules {a!r} and {b!r} are the same module or nested"
+    for name in names:
+        parent, _, index = name.rpartition(".")
+        if not index.isdigit():
+            continue
+        container = tapped.get_submodule(parent) if parent else tapped
+        if (
+            isinstance(container, (nn.ModuleList, nn.Sequential))
+            and int(index) == len(container) - 1
+            and len(container) > 1
+        ):
+            return f"exit at {name!r}, the last of the {len(container)} modules in {parent or 'the model'!r}"
+    engine = getattr(model, "exit_engine", None)
+    if engine is None:
+        return None
+    getattr(engine, "ensure_installed", lambda: None)()
+    with torch.no_grad(), engine.capture() as cap:
+        model.forward_deepest(x)
+    features: List[torch.Tensor] = list(cap.features)
+    for name, f in zip(names, features):
+        if isinstance(f, torch.Tensor) and f.shape == x.shape and torch.equal(f, x):
+            return f"exit at {name!r} reads the input image itself"
+        if isinstance(f, torch.Tensor) and f.dim() == 4 and f.shape[1] == x.shape[1] and f.shape[0] == x.shape[0]:
+            return f"exit at {name!r} reads a {tuple(f.shape)} feature with the input's {x.shape[1]} channels"
+    return None
