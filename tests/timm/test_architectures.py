@@ -83,6 +83,12 @@ SLOW = [
     ("swin_tiny_patch4_window7_224", {}, 224),
     ("maxvit_nano_rw_256", dict(img_size=64), 64),
     ("coatnet_nano_rw_224", dict(img_size=64), 64),
+    # modules first covered by tools/coverage_timm.py (seeded sample + one per module), at its 64 px
+    ("coat_lite_tiny", dict(img_size=64), 64),
+    ("cpubone_nano", {}, 64),
+    ("crossvit_9_dagger_240", {}, 64),
+    ("cspnext_tiny", {}, 64),
+    ("efficientvit_m1", dict(img_size=64), 64),
 ]
 
 
