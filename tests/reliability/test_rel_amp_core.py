@@ -39,7 +39,7 @@ def test_hint_under_cpu_autocast_is_float32():
     s = s + 300  # large features: a bfloat16 sum of squares would be off by ~1e-2
     t = t + 300
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        hint = feature_hint(s, t)
+        hint = feature_hint(s, t, "mean")
     assert hint.dtype == torch.float32
     exact = torch.linalg.vector_norm(s.double() - t.double(), dim=1).mean()
     assert hint.double().item() == pytest.approx(exact.item(), rel=1e-5)

@@ -47,6 +47,7 @@ def test_crafted_getattr_file_is_refused_after_import_sd_plugin(crafted):
         torch.load(crafted, weights_only=True)
 
 
+@pytest.mark.slow
 def test_the_allow_list_is_the_same_with_and_without_the_plugin(tmp_path, crafted):
     """In a fresh interpreter: torch's allow-list before ``import sd_plugin``, after it, and after an mmengine load."""
     script = f"""
