@@ -51,6 +51,7 @@ def _recomputed_top1(work_dir: Path) -> dict:
     import sd_plugin  # noqa: F401  (registers SelfDistillClassifier)
 
     cfg = Config.fromfile(str(ROOT / "configs" / "demo" / "sd_resnet18-w16_cifar10-mini.py"))
+    cfg.model.setdefault("data_preprocessor", cfg.get("data_preprocessor"))  # what the Runner does
     model = MODELS.build(cfg.model).eval()
     state = torch.load(work_dir / "epoch_1.pth", map_location="cpu", weights_only=False)["state_dict"]
     model.load_state_dict(state, strict=True)
