@@ -105,3 +105,23 @@ def test_timm_check_of_one_architecture() -> None:
     r = check("test_resnet", 32, (1e9, 1e9, 60.0))
     assert r["status"] == OK, r
     assert r["input_size"] == [3, 32, 32] and r["num_exits"] >= 1
+
+
+def test_placement_problems_are_named() -> None:
+    from types import SimpleNamespace
+
+    import torch.nn as nn
+
+    from tools._coverage_placement import placement_problem
+
+    backbone = nn.Module()
+    backbone.stages = nn.ModuleList(nn.Sequential(nn.Conv2d(3, 3, 1), nn.ReLU()) for _ in range(4))
+
+    def model(*names: str) -> SimpleNamespace:
+        points = [SimpleNamespace(module=n) for n in names]
+        return SimpleNamespace(exit_points=points, tapped_module=lambda: backbone)  # no exit_engine: names only
+
+    assert placement_problem(model("stages.0", "stages.1", "stages.2"), None) is None
+    assert "the last of the 4 modules in 'stages'" in placement_problem(model("stages.1", "stages.3"), None)
+    assert "nested" in placement_problem(model("stages.1", "stages.1.0"), None)
+    assert "nested" in placement_problem(model("stages.2", "stages.2"), None)
