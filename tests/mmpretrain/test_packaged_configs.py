@@ -17,6 +17,7 @@ pytestmark = [pytest.mark.mmpretrain, pytest.mark.slow]
 
 # Packaged configs checked at 64 px (or the smallest of 64, 128, own that the model takes), as the tool does.
 INCLUDE = [
+    "beit/benchmarks/beit-base-p16_8xb128-coslr-100e_in1k.py",  # BEiT ViT: exits after blocks 3, 6, 9 of 12
     "cspnet/cspdarknet50_8xb32_in1k.py",
     "edgenext/edgenext-xxsmall_8xb256_in1k.py",
     "efficientnet/efficientnet-b0_8xb32-01norm_in1k.py",
