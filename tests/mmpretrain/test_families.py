@@ -79,6 +79,9 @@ CASES: Dict[str, Any] = {
         },
         32,
     ),
+    # Found by the exit engine's probe, no names (previously a clear error, or stage_modules=[...] by hand):
+    "hrnet_w18_multibranch": ("hrnet/hrnet-w18_4xb32_in1k.py", {}, 64),
+    "van_numbered_stages": ("van/van-tiny_8xb128_in1k.py", {}, 64),
 }
 
 
@@ -94,6 +97,7 @@ SLOW = {
     "densenet121",
     "efficientnet_v2_b0",
     "res2net",
+    "hrnet_w18_multibranch",
 }
 
 
@@ -138,6 +142,8 @@ def test_family_train_step_and_deepest_inference(case: str) -> None:
         ("convmixer_isotropic", ["stages.1", "stages.3", "stages.5"]),  # one resolution: blocks at 1/4, 2/4, 3/4
         ("swin_tiny", ["stages.0", "stages.1", "stages.2"]),
         ("timm_resnet18", ["timm_model.layer1", "timm_model.layer2", "timm_model.layer3"]),
+        ("van_numbered_stages", ["norm1", "norm2", "norm3"]),  # block1..4/norm1..4 attributes, no container
+        pytest.param("hrnet_w18_multibranch", ["layer1", "stage2", "stage3"], marks=pytest.mark.slow),
     ],
 )
 def test_exit_placement(case: str, modules: list) -> None:

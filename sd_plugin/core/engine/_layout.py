@@ -54,10 +54,6 @@ def tensor_layout(
     if len(shape) == 2:
         return "NC", shape[1], ()
     if len(shape) == 3:
-        side = math.isqrt(shape[2])
-        map_last = side * side == shape[2] and _spatial_like(side, side, input_hw)
-        if map_last and shape[1] != shape[2] and math.isqrt(shape[1]) ** 2 != shape[1]:
-            return None  # (N, C, L) channels-first tokens (e.g. nn.Unfold): no exit reads those
         return "NLC", shape[2], (shape[1],)
     if len(shape) == 4:
         nchw = _spatial_like(shape[2], shape[3], input_hw)
@@ -88,7 +84,7 @@ def position_of(probe: Probe, idx: int, channels: Mapping[str, int], prefer_nhwc
         return None
     input_hw = probe.input_shape[-2], probe.input_shape[-1]
     feats = [(i, t) for i, t in call.outputs if t.dim() >= 3]
-    if not feats:
+    if not feats or call.cls == "Unfold":  # nn.Unfold gives channels-first (N, C*k*k, L) patches: no exit feature
         return None
     index, tensor = feats[-1]  # several (multi-branch stages): the last, lowest-resolution one
     lay = tensor_layout(tensor, input_hw, channels.get(call.name), prefer_nhwc)
@@ -108,6 +104,14 @@ def _pools_to_a_point(call: Call, pos: Position) -> bool:
         return False
     positions_in = math.prod(shape[2:]) if len(shape) == 4 else shape[1]
     return positions_in > 1 and ("pool" in call.cls.lower() or positions_in > 4)
+
+
+def _input_key(call: Call, probe: Probe, channels_hint: Optional[int], prefer_nhwc: bool) -> int:
+    """Positions (H*W or L) of a call's input, -1 when unknown."""
+    if call.input_shape is None or len(call.input_shape) < 3:
+        return -1
+    input_hw = probe.input_shape[-2], probe.input_shape[-1]
+    return _positions_in(torch.empty(call.input_shape, device="meta"), input_hw, channels_hint, prefer_nhwc)
 
 
 def _dedupe(positions: List[Position], calls: Sequence[Call]) -> List[Position]:
@@ -143,7 +147,10 @@ def main_path(
             if not is_cut(pos.name):
                 continue
             kids = [position_of(probe, g, channels, prefer_nhwc) for g in probe.calls[child].children]
-            if len({k.key for k in kids if k is not None}) >= 2:
+            entry = _input_key(probe.calls[child], probe, channels.get(pos.name), prefer_nhwc)
+            if len({k.key[-1] for k in kids if k is not None} - {entry}) >= 2:
+                # the container spans several resolutions (VGG's `features`, timm's `blocks`/`layers`): its own
+                # children are the stages. A single transition (a downsampling module) is not descended into.
                 inner, stopped = walk(child)
                 out.extend(inner)
                 if stopped:
@@ -188,6 +195,11 @@ def group(positions: List[Position], input_hw: Tuple[int, int]) -> List[Position
     return ends
 
 
+def _signature(probe: Probe, call: Call) -> Tuple[str, ...]:
+    """A call's type and its children's types: repeated blocks share it (a stem of the same class does not)."""
+    return (call.cls, *(probe.calls[c].cls for c in call.children))
+
+
 def block_run(
     probe: Probe, is_cut: Callable[[str], bool], channels: Mapping[str, int], prefer_nhwc: bool, min_len: int = 3
 ) -> List[Position]:
@@ -203,7 +215,7 @@ def block_run(
             last = run[-1] if run else None
             same = (
                 last is not None
-                and probe.calls[last.call].cls == probe.calls[child].cls
+                and _signature(probe, probe.calls[last.call]) == _signature(probe, probe.calls[child])
                 and (last.key, last.channels) == (pos.key, pos.channels)
             )
             run = [*run, pos] if same else [pos]
