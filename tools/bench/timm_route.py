@@ -148,7 +148,7 @@ def _evaluate(model: nn.Module, arm: str, loader: DataLoader) -> Dict[str, float
     from sd_plugin.deploy.calibrate import collect_exit_logits
 
     model.eval()
-    if not hasattr(model, "exit_points"):  # the plain timm model
+    if not getattr(model, "num_exits", 0):  # the plain timm model, or a wrapped one without exits (eval: plain logits)
         correct = total = 0
         for x, y in loader:
             correct += int((model(x).argmax(dim=1) == y).sum())
