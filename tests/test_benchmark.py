@@ -127,7 +127,7 @@ def test_arm_names_parse_into_recipes() -> None:
     assert _bench_arms.parse_arm("cskd").class_pairs
     assert not _bench_arms.parse_arm("ls").self_distill_model
     assert _bench_arms.parse_arm("sd").name == "byot" and _bench_arms.parse_arm("plain").name == "ce"
-    for bad in ("ce+ls", "byot+byotv1", "mixsd", "ls+ls"):
+    for bad in ("ce+ls", "byot+byotrms", "mixsd", "ls+ls"):
         with pytest.raises(ValueError, match="arm"):
             _bench_arms.parse_arm(bad)
     args = benchmark.parse_args(["--arms", "byot", "ls"])

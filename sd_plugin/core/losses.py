@@ -84,7 +84,7 @@ def kd_kl_div(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temper
     return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
 
 
-def feature_hint(student_features: torch.Tensor, teacher_features: torch.Tensor, form: str = "rms") -> torch.Tensor:
+def feature_hint(student_features: torch.Tensor, teacher_features: torch.Tensor, form: str = "mean") -> torch.Tensor:
     """L2 distance between (N, D) features reduced over the batch by ``form``; teacher detached; float32.
 
     With ``d_n = ||f_s(n) - f_t(n)||_2`` per sample: ``'rms'`` gives

@@ -45,8 +45,8 @@ def test_no_gradient_into_teacher():
 def test_hint_hand_computed_and_shape_checked():
     fs = torch.tensor([[3.0, 0.0], [0.0, 0.0]])
     ft = torch.tensor([[0.0, 4.0], [0.0, 1.0]])
-    assert feature_hint(fs, ft, "mean").item() == pytest.approx((5.0 + 1.0) / 2)
-    assert feature_hint(fs, ft).item() == pytest.approx(((25.0 + 1.0) / 2) ** 0.5)  # default 'rms'
+    assert feature_hint(fs, ft).item() == pytest.approx((5.0 + 1.0) / 2)  # default 'mean'
+    assert feature_hint(fs, ft, "rms").item() == pytest.approx(((25.0 + 1.0) / 2) ** 0.5)
     with pytest.raises(ValueError, match="same shape"):
         feature_hint(torch.randn(4, 8), torch.randn(4, 8, 1, 1))
 

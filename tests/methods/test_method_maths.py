@@ -71,10 +71,10 @@ def test_hint_forms_hand_computed():
         feature_hint(fs, ft, "l1")
 
 
-def test_default_hint_reproduces_byot_whole_batch_l2_at_batch_128_and_is_batch_size_independent():
+def test_rms_hint_at_034_reproduces_byot_whole_batch_l2_at_batch_128_and_is_batch_size_independent():
     torch.manual_seed(0)
     fs, ft = torch.randn(128, 16), torch.randn(128, 16)
-    c = SelfDistillConfig()
+    c = SelfDistillConfig(hint_form="rms", hint_weight=0.34)
     ours = c.hint_weight * feature_hint(fs, ft, c.hint_form)
     byot = 0.03 * torch.dist(fs, ft)  # lambda = 0.03 times the L2 distance over the whole batch tensor
     assert ours.item() == pytest.approx(byot.item(), rel=2e-3)  # 0.34 is 0.03 * sqrt(128) rounded

@@ -2,8 +2,8 @@
 
 An arm is ``+``-joined components: ``ce`` (plain cross-entropy, alone), ``ls``
 (label smoothing 0.1 on every label loss), ``byot`` (exits with sd_plugin's
-defaults), ``byotv1`` (exits with sd_plugin 0.1's hint: per-sample L2 mean,
-weight 0.03), ``pskd`` (PS-KD, a_T = 0.8), ``cskd`` (CS-KD, weight 1, T = 4,
+defaults), ``byotrms`` (exits with the hint that reproduces BYOT's at batch 128:
+``hint_form='rms', hint_weight=0.34``), ``pskd`` (PS-KD, a_T = 0.8), ``cskd`` (CS-KD, weight 1, T = 4,
 class-pair sampler) and ``tfkd`` (Tf-KD-reg, weight 0.1, T = 20). Methods
 without ``byot`` run on the same model with no exits.
 """
@@ -23,7 +23,7 @@ COMPONENTS: Dict[str, Dict[str, Any]] = {
     "ce": {},
     "ls": {},
     "byot": {},
-    "byotv1": {"hint_form": "mean", "hint_weight": 0.03},
+    "byotrms": {"hint_form": "rms", "hint_weight": 0.34},
     "pskd": {"pskd_alpha": 0.8},
     "cskd": {"cskd_weight": 1.0, "cskd_temperature": 4.0},
     "tfkd": {"tfkd_weight": 0.1, "tfkd_temperature": 20.0},
@@ -61,12 +61,12 @@ def parse_arm(name: str) -> ArmRecipe:
         )
     if "ce" in parts and len(parts) > 1:
         raise ValueError(f"arm {name!r}: 'ce' is the plain baseline and stands alone; drop it (e.g. 'ls').")
-    if "byot" in parts and "byotv1" in parts:
-        raise ValueError(f"arm {name!r}: choose one of byot and byotv1.")
+    if "byot" in parts and "byotrms" in parts:
+        raise ValueError(f"arm {name!r}: choose one of byot and byotrms.")
     options: Dict[str, Any] = {}
     for p in parts:
         options.update(COMPONENTS[p])
-    exits = "byot" in parts or "byotv1" in parts
+    exits = "byot" in parts or "byotrms" in parts
     if not exits and options:
         options["exit_indices"] = []
     return ArmRecipe(
