@@ -29,7 +29,7 @@ import re
 import sys
 import time
 from collections import Counter, defaultdict
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from tools._coverage_mmp import enumerate_configs, family, input_size, model_cfg, test_key
 from tools._coverage_mmp_check import check_config
@@ -102,10 +102,19 @@ def main(argv: Optional[List[str]] = None) -> int:
 _LARGE = re.compile(r"(large|huge|giant|xlarge|-[lhg]-|-[lhg]p|31l|-xl|b[5-8]|l2|w64|200|269|152|101)", re.I)
 
 
+_SMALL = ("atto", "femto", "pico", "nano", "xxs", "tiny", "-t", "small", "-s", "mini", "a0", "b0", "s0", "18", "0.5")
+
+
+def _smallness(rel: str) -> Tuple[int, str]:
+    name = rel.rsplit("/", 1)[-1]
+    return next((i for i, w in enumerate(_SMALL) if w in name), len(_SMALL)), rel
+
+
 def _round_robin(groups: Dict[str, List[str]]) -> List[str]:
-    """Keys ordered one family at a time in turn, the large-looking ones last: a partial run covers every family."""
+    """Keys ordered one family at a time in turn, small-looking first and large-looking last: a partial run
+    covers every family."""
     by_family: Dict[str, List[str]] = defaultdict(list)
-    for key in sorted(groups, key=lambda k: (bool(_LARGE.search(groups[k][0])), groups[k][0])):
+    for key in sorted(groups, key=lambda k: (bool(_LARGE.search(groups[k][0])), _smallness(groups[k][0]))):
         by_family[family(groups[key][0])].append(key)
     queues = [by_family[f] for f in sorted(by_family)]
     ordered = [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]
