@@ -35,8 +35,8 @@ _STAGE_FIX = (
     "Name its main-path stage modules with SelfDistillClassifier(stage_modules=['layer1', 'layer2', ...]) (each "
     "one's output feeding the next, the last one feeding the neck/head), or choose exit_indices."
 )
-# Probe size tried when the default (small) probe input is too small for the backbone.
-_FALLBACK_PROBE_SIZE = 224
+# Probe sizes tried when the default (small) probe input does not fit the backbone (too small; LeNet: 32 only).
+_FALLBACK_PROBE_SIZES = (224, 32)
 # Two samples, so per-sample outputs can be told from per-patch ones (TNT's inner tokens).
 _PROBE_BATCH = 2
 
@@ -196,15 +196,18 @@ class SelfDistillClassifier(ImageClassifier):
             )
             return list(layout.points), layout.num_positions
 
-        try:
-            return place(h, w)
-        except ProbeError as e:  # the input is too small for this backbone
-            if probe_size is not None or max(h, w) >= _FALLBACK_PROBE_SIZE:
-                raise ValueError(
-                    f"the probe forward pass of {type(self.backbone).__name__} at {h}x{w} failed ({e}); set "
-                    "SelfDistillClassifier(probe_size=...) to an input size this backbone accepts."
-                ) from e
-            return place(_FALLBACK_PROBE_SIZE, _FALLBACK_PROBE_SIZE)
+        sizes = [(h, w)] if probe_size is not None else [(h, w), *((s, s) for s in _FALLBACK_PROBE_SIZES if s != h)]
+        for i, (ph, pw) in enumerate(sizes):
+            try:
+                return place(ph, pw)
+            except ProbeError as e:  # an input size this backbone does not take: try the next one
+                if i == len(sizes) - 1:
+                    tried = ", ".join(f"{a}x{b}" for a, b in sizes)
+                    raise ValueError(
+                        f"the probe forward pass of {type(self.backbone).__name__} failed at {tried} ({e}); set "
+                        "SelfDistillClassifier(probe_size=...) to an input size this backbone accepts."
+                    ) from e
+        raise AssertionError("unreachable")  # pragma: no cover
 
     # ------------------------------------------------------ MultiExitModel
     @property

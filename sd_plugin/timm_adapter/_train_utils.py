@@ -140,7 +140,7 @@ def autocast(device: torch.device, enabled: bool) -> ContextManager[Any]:
 def train_one_epoch(
     model: nn.Module,
     loader: DataLoader,
-    criterion: Callable[[Any, torch.Tensor], torch.Tensor],
+    criterion: Callable[..., torch.Tensor],
     optimizer: torch.optim.Optimizer,
     info: DistInfo,
     amp: bool,

@@ -114,6 +114,16 @@ def _input_key(call: Call, probe: Probe, channels_hint: Optional[int], prefer_nh
     return _positions_in(torch.empty(call.input_shape, device="meta"), input_hw, channels_hint, prefer_nhwc)
 
 
+def _after_functional_pool(call: Call, pos: Position, prev: Position) -> bool:
+    """A module fed a single position right after a larger map (ConvNeXt's ``norm3`` after ``x.mean((2, 3))``): the
+    pooling happened in the forward code, so the head side has begun."""
+    shape = call.input_shape
+    if pos.size not in ((1, 1), (1,)) or shape is None or len(shape) < 3:
+        return False
+    positions_in = math.prod(shape[2:]) if len(shape) == 4 else shape[1]
+    return positions_in == 1 and math.prod(prev.size) > 1
+
+
 def _dedupe(positions: List[Position], calls: Sequence[Call]) -> List[Position]:
     """One position per handed-on tensor: a container over its own last child's output, or the first sibling."""
     out: List[Position] = []
@@ -140,6 +150,8 @@ def main_path(
             pos = position_of(probe, child, channels, prefer_nhwc)
             if pos is None:
                 continue
+            if out and _after_functional_pool(probe.calls[child], pos, out[-1]):
+                return out, True
             if _pools_to_a_point(probe.calls[child], pos):
                 if probe.calls[child].children:  # a container that ends in global pooling: its inside counts
                     out.extend(walk(child)[0])
