@@ -19,11 +19,11 @@ def main() -> int:
     tool = load_tool("train_timm")
     real_save = tool._save
 
-    def save(args: Any, net: Any, optimizer: Any, scheduler: Any, done: int, history: Any) -> None:
+    def save(args: Any, net: Any, optimizer: Any, scheduler: Any, done: int, *rest: Any) -> None:
         if done == epoch:
             last = os.path.join(args.output, "checkpoint-last.pth")
             stall_on_next_big_write(os.path.getsize(last) // 2, marker)
-        real_save(args, net, optimizer, scheduler, done, history)
+        real_save(args, net, optimizer, scheduler, done, *rest)
 
     tool._save = save
     return int(tool.main(sys.argv[4:]) or 0)
