@@ -94,15 +94,11 @@ def position_of(probe: Probe, idx: int, channels: Mapping[str, int], prefer_nhwc
     return Position(call.name, idx, lay[0], lay[1], key, lay[2], index, call.is_leaf, id(tensor))
 
 
-def _pools_to_a_point(call: Call, pos: Position) -> bool:
+def _pools_to_a_point(call: Call, pos: Position, positions_in: int) -> bool:
     """A call that reduces a map or tokens to a single position: global pooling, or a head-like layer that shrinks
     more than a stage does (> 2x per side). The main path ends there (the head follows)."""
     if pos.size not in ((1, 1), (1,)):
         return False
-    shape = call.input_shape
-    if shape is None or len(shape) < 3:
-        return False
-    positions_in = math.prod(shape[2:]) if len(shape) == 4 else shape[1]
     return positions_in > 1 and ("pool" in call.cls.lower() or positions_in > 4)
 
 
@@ -114,14 +110,10 @@ def _input_key(call: Call, probe: Probe, channels_hint: Optional[int], prefer_nh
     return _positions_in(torch.empty(call.input_shape, device="meta"), input_hw, channels_hint, prefer_nhwc)
 
 
-def _after_functional_pool(call: Call, pos: Position, prev: Position) -> bool:
+def _after_functional_pool(pos: Position, positions_in: int, prev: Position) -> bool:
     """A module fed a single position right after a larger map (ConvNeXt's ``norm3`` after ``x.mean((2, 3))``): the
     pooling happened in the forward code, so the head side has begun."""
-    shape = call.input_shape
-    if pos.size not in ((1, 1), (1,)) or shape is None or len(shape) < 3:
-        return False
-    positions_in = math.prod(shape[2:]) if len(shape) == 4 else shape[1]
-    return positions_in == 1 and math.prod(prev.size) > 1
+    return pos.size in ((1, 1), (1,)) and positions_in == 1 and math.prod(prev.size) > 1
 
 
 def _dedupe(positions: List[Position], calls: Sequence[Call]) -> List[Position]:
@@ -150,16 +142,16 @@ def main_path(
             pos = position_of(probe, child, channels, prefer_nhwc)
             if pos is None:
                 continue
-            if out and _after_functional_pool(probe.calls[child], pos, out[-1]):
+            entry = _input_key(probe.calls[child], probe, None, prefer_nhwc)
+            if out and _after_functional_pool(pos, entry, out[-1]):
                 return out, True
-            if _pools_to_a_point(probe.calls[child], pos):
+            if _pools_to_a_point(probe.calls[child], pos, entry):
                 if probe.calls[child].children:  # a container that ends in global pooling: its inside counts
                     out.extend(walk(child)[0])
                 return out, True
             if not is_cut(pos.name):
                 continue
             kids = [position_of(probe, g, channels, prefer_nhwc) for g in probe.calls[child].children]
-            entry = _input_key(probe.calls[child], probe, channels.get(pos.name), prefer_nhwc)
             if len({k.key[-1] for k in kids if k is not None} - {entry}) >= 2:
                 # the container spans several resolutions (VGG's `features`, timm's `blocks`/`layers`): its own
                 # children are the stages. A single transition (a downsampling module) is not descended into.
