@@ -7,6 +7,7 @@ a one-off context manager on top of :class:`~sd_plugin.core.engine.ExitEngine`.
 
 from __future__ import annotations
 
+import contextlib
 from typing import List, Optional, Sequence
 
 import torch
@@ -29,22 +30,17 @@ class FeatureTaps:
     def __init__(self, model: nn.Module, points: Sequence[ExitPoint]) -> None:
         self.model = model
         self.points = list(points)
-        self._engine: Optional[ExitEngine] = None
+        self._stack = contextlib.ExitStack()
         self._capture: Optional[Capture] = None
-        self._ctx = None
 
     def __enter__(self) -> FeatureTaps:
-        self._engine = ExitEngine(self.model, self.points)
-        self._ctx = self._engine.capture()  # type: ignore[assignment]
-        self._capture = self._ctx.__enter__()  # type: ignore[attr-defined]
+        engine = ExitEngine(self.model, self.points)
+        self._stack.callback(engine.remove)
+        self._capture = self._stack.enter_context(engine.capture())
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._ctx is not None:
-            self._ctx.__exit__(None, None, None)  # type: ignore[unreachable]
-        if self._engine is not None:
-            self._engine.remove()
-        self._ctx = None
+        self._stack.close()
 
     @property
     def features(self) -> List[torch.Tensor]:
