@@ -255,6 +255,8 @@ class SelfDistillClassifier(ImageClassifier):
         """The backbone/neck output and every exit point's feature (shallowest first), from one forward pass."""
         with self.exit_engine.capture() as cap:
             feats = self.extract_feat(inputs)
+        if self.training:
+            self.exit_engine.check_gradients(cap.features)
         return feats, cap.features
 
     @staticmethod

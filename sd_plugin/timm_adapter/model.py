@@ -178,6 +178,8 @@ class SelfDistillModel(TimmApiMixin, nn.Module):
         if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
             raise TypeError(f"the wrapped model must return (N, num_classes) logits, got {type(logits).__name__}.")
         *feats, teacher = taps.features
+        if self.training:
+            self.exit_engine.check_gradients(feats)
         features = pool_teacher(teacher, self._teacher.fmt)
         if features.shape != (x.shape[0], self.feature_dim):
             raise ValueError(

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import sd_plugin.core.engine as engine_module
 from sd_plugin.core import SelfDistillConfig
 from sd_plugin.core.engine import ExitEngine, ExitPoint, StopForward, find_exit_layout, select_feature
 from sd_plugin.core.engine._probe import is_cut, is_value_cut, probe_mode
@@ -124,9 +125,10 @@ def test_cut_test_tells_main_path_from_residual_branch() -> None:
         assert not is_value_cut(model, "block2.branch", model, x)
 
 
-def test_numbered_stage_attributes_found_without_names() -> None:
-    layout = _layout(NumberedStages())
-    assert layout.kind == "stage" and layout.probed_on == "meta"
+@pytest.mark.parametrize("probe", ["meta", "real"])
+def test_numbered_stage_attributes_found_without_names(probe: str) -> None:
+    layout = _layout(NumberedStages(), probe=probe)
+    assert layout.kind == "stage" and layout.probed_on == ("meta" if probe == "meta" else "cpu")
     assert layout.positions == ("block1", "block2", "block3", "block4")
     assert [(p.module, p.fmt, p.channels, p.stride) for p in layout.points] == [
         ("block1", "NCHW", 8, 8),
@@ -136,9 +138,22 @@ def test_numbered_stage_attributes_found_without_names() -> None:
     assert all(p.shrinkable for p in layout.points)
 
 
-def test_batch_reshaping_backbone_gets_exits_that_cannot_shrink() -> None:
+def test_small_model_is_probed_for_real_and_large_one_on_meta(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The choice is a timing: a real forward faster than the meta trace (Python shape functions per op) wins.
+    model = NumberedStages()
+    assert engine_module._real_forward_seconds(model, model, (3, 64, 64), torch.float32, torch.device("cpu")) > 0
+    with monkeypatch.context() as m:
+        m.setattr(engine_module, "_real_forward_seconds", lambda *a: 0.0)
+        assert _layout(model).probed_on == "cpu"
+    monkeypatch.setattr(engine_module, "REAL_TRIAL_PARAMS", 0)  # "large": not even timed for real
+    assert engine_module._real_forward_seconds(model, model, (3, 64, 64), torch.float32, torch.device("cpu")) > 1e9
+    assert _layout(model).probed_on == "meta"
+
+
+def test_batch_reshaping_backbone_gets_exits_that_cannot_shrink(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(engine_module, "REAL_TRIAL_PARAMS", 0)  # start on meta, as a large model would
     layout = _layout(BatchReshape())
-    assert layout.probed_on == "cpu"  # the shrink test fails everywhere, so the value test (real tensors) decides
+    assert layout.probed_on == "cpu"  # the shrink test fails everywhere on meta, so the value test (real) decides
     assert [p.module for p in layout.points] == ["block1", "block2", "block3"]
     assert not any(p.shrinkable for p in layout.points)
 
@@ -293,3 +308,39 @@ def test_half_precision_model_is_probed() -> None:
     model = NumberedStages().to(torch.bfloat16)
     layout = _layout(model)
     assert [p.module for p in layout.points] == ["block1", "block2", "block3"]
+
+
+class _OutsideAutograd(torch.autograd.Function):
+    """Runs a module without recording it, as reversible backbones (RevViT's ``RevBackProp``) do in training."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, module: nn.Module) -> torch.Tensor:  # type: ignore[override]
+        with torch.no_grad():
+            return module(x).clone()  # block2's own output stays inside, unrecorded (autograd marks only this one)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Any:  # type: ignore[override]
+        return grad, None
+
+
+class DetachedStage(NumberedStages):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i in range(1, 5):
+            x = getattr(self, f"down{i}")(x)
+            block = getattr(self, f"block{i}")
+            x = _OutsideAutograd.apply(x, block) if i == 2 else block(x)
+        return self.fc(x.mean((2, 3)))
+
+
+def test_features_computed_outside_autograd_are_refused_frozen_ones_are_not() -> None:
+    model = DetachedStage().train()
+    engine = ExitEngine(model, _layout(model).points)
+    with engine.capture() as cap:
+        model(torch.randn(2, 3, 64, 64))
+    assert [f.requires_grad for f in cap.features] == [True, False, True]
+    with pytest.raises(ValueError, match=r"\['block2'\] carry no gradient.*no_custom_backward"):
+        engine.check_gradients(cap.features)
+    with torch.no_grad():
+        engine.check_gradients(cap.features)  # no autograd pass: nothing to check
+    model.block2.requires_grad_(False)  # a frozen stage: detached features are expected there
+    engine.check_gradients(cap.features)

@@ -79,14 +79,24 @@ CASES: Dict[str, Any] = {
         },
         32,
     ),
+    "conformer_tiny": ("conformer/conformer-tiny-p16_8xb128_in1k.py", {}, 64),
+    # Plain backprop: reversible backprop computes the layers outside autograd (refused, see the last test).
+    "revvit_small": ("revvit/revvit-small_8xb256_in1k.py", {"backbone.no_custom_backward": True}, 64),
     # Found by the exit engine's probe, no names (previously a clear error, or stage_modules=[...] by hand):
     "hrnet_w18_multibranch": ("hrnet/hrnet-w18_4xb32_in1k.py", {}, 64),
     "van_numbered_stages": ("van/van-tiny_8xb128_in1k.py", {}, 64),
 }
 
 
-# Bigger models (ResNet-50 class, DenseNet-121, EfficientNets): tens of seconds each on a shared CPU.
+# Bigger models (ResNet-50 class, DenseNet-121, EfficientNets, Swin) and the slowest builds: tens of seconds each on a
+# shared CPU. The fast subset keeps one case per kind of layout (CNN stages, ViT blocks, numbered stages, isotropic).
 SLOW = {
+    "swin_tiny",
+    "shufflenet_v2",
+    "timm_resnet18",
+    "timm_convnext_features_only",
+    "resnet18_in1k",
+    "convmixer_isotropic",
     "resnet34_cifar",
     "resnetv1d",
     "resnext50",
@@ -98,6 +108,8 @@ SLOW = {
     "efficientnet_v2_b0",
     "res2net",
     "hrnet_w18_multibranch",
+    "conformer_tiny",
+    "revvit_small",
 }
 
 
@@ -140,10 +152,16 @@ def test_family_train_step_and_deepest_inference(case: str) -> None:
     [
         ("mobilenet_v2", ["layer2", "layer3", "layer5"]),  # grouped by resolution, stem-level group dropped
         ("convmixer_isotropic", ["stages.1", "stages.3", "stages.5"]),  # one resolution: blocks at 1/4, 2/4, 3/4
-        ("swin_tiny", ["stages.0", "stages.1", "stages.2"]),
-        ("timm_resnet18", ["timm_model.layer1", "timm_model.layer2", "timm_model.layer3"]),
+        pytest.param("swin_tiny", ["stages.0", "stages.1", "stages.2"], marks=pytest.mark.slow),
+        pytest.param(
+            "timm_resnet18", ["timm_model.layer1", "timm_model.layer2", "timm_model.layer3"], marks=pytest.mark.slow
+        ),
         ("van_numbered_stages", ["norm1", "norm2", "norm3"]),  # block1..4/norm1..4 attributes, no container
         pytest.param("hrnet_w18_multibranch", ["layer1", "stage2", "stage3"], marks=pytest.mark.slow),
+        # Dual-branch CNN + transformer: no exit on the stem's maxpool (a stem of single layers carries none).
+        pytest.param("conformer_tiny", ["conv_trans_4", "conv_trans_8", "conv_trans_11"], marks=pytest.mark.slow),
+        # Two token streams at one resolution are one stage: exits after blocks 3, 6, 9 of 12.
+        pytest.param("revvit_small", ["layers.2", "layers.5", "layers.8"], marks=pytest.mark.slow),
     ],
 )
 def test_exit_placement(case: str, modules: list) -> None:
@@ -152,3 +170,19 @@ def test_exit_placement(case: str, modules: list) -> None:
     rel, overrides, _ = CASES[case]
     model = MODELS.build(dict(load_model_cfg(rel, overrides), type="SelfDistillClassifier"))
     assert [p.module for p in model.exit_points] == modules
+
+
+@pytest.mark.slow
+def test_reversible_backbone_refuses_detached_exit_features_and_trains_with_plain_backprop() -> None:
+    """RevViT's reversible backprop runs its layers outside autograd: exits there would never train the backbone."""
+    from mmpretrain.registry import MODELS
+
+    rel, overrides, size = CASES["revvit_small"]
+    sd = MODELS.build(dict(load_model_cfg(rel), type="SelfDistillClassifier")).train()  # the packaged config
+    inputs, samples = batch(sd, size)
+    with pytest.raises(ValueError, match=r"carry no gradient.*no_custom_backward=True"):
+        sd(inputs, samples, mode="loss")
+    sd = MODELS.build(dict(load_model_cfg(rel, overrides), type="SelfDistillClassifier")).train()
+    sd(inputs, samples, mode="loss")["exit1_loss_ce"].backward()
+    grad = sd.backbone.layers[0].attn.qkv.weight.grad
+    assert grad is not None and float(grad.abs().sum()) > 0  # exit 1's loss reaches the first block

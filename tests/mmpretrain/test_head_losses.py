@@ -93,7 +93,21 @@ NEW: Dict[str, Tuple[str, Dict[str, Any], int, str]] = {
     "inception_v3_logits_in_backbone": ("inception_v3/inception-v3_8xb32_in1k.py", {}, 96, "logits"),
     "vgg11_logits_in_backbone": ("vgg/vgg11_8xb32_in1k.py", {}, 224, "logits"),
 }
-SLOW = {"inception_v3_logits_in_backbone", "vgg11_logits_in_backbone", "efficientformer", "vig", "pyramid_vig"}
+SLOW = {
+    "inception_v3_logits_in_backbone",
+    "vgg11_logits_in_backbone",
+    "efficientformer",
+    "vig",
+    "pyramid_vig",
+    # ViT-type and two-branch builds: the slowest of the rest (the fast subset keeps the CNN head cases)
+    "vit_hidden_layer",
+    "smooth_soft_targets",
+    "label_smoothing",
+    "deit_distilled",
+    "levit",
+    "conformer",
+    "vig_head_on_resnet",
+}
 
 # Exit placement is not this file's subject: a backbone the probe cannot run at its default sizes gets probe_size.
 OPTIONS: Dict[str, Dict[str, Any]] = {
@@ -232,6 +246,7 @@ def test_deepest_head_runs_once_per_step() -> None:
     assert calls == [1]
 
 
+@pytest.mark.slow
 def test_distilled_head_that_mmpretrain_cannot_train_names_the_fix() -> None:
     sd, plain = build_pair(load_model_cfg("levit/levit-128s_8xb256_in1k.py", {"backbone.img_size": 64}))
     assert sd.exit_head_kind == "copy" and not sd.exit_heads[0].distillation

@@ -68,6 +68,8 @@ def arm_spec(
         "train_cfg.max_epochs": epochs,
         "param_scheduler": _schedule(epochs),
         "log_level": "WARNING",
+        # The last checkpoint stays in the work dir: tools.analyze_exits measures early exit on it.
+        "default_hooks.checkpoint.save_last": True,
     }
     for loader, split, ann in (
         ("train_dataloader", "train", splits.train_ann),

@@ -20,6 +20,8 @@ whole backbone, or the user's ``stage_modules``) and how to run the model.
 
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -47,6 +49,10 @@ __all__ = [
 ]
 
 STAGE, BLOCK = "stage", "block"
+
+#: Models up to this many parameters are timed once on real tensors: when that forward is faster than the meta
+#: trace (small models: meta tensors cost Python-level shape functions per op), the cut tests run for real.
+REAL_TRIAL_PARAMS = 100_000_000
 
 
 @dataclass(frozen=True)
@@ -111,7 +117,9 @@ class _Chooser:
         self, root: nn.Module, run: Callable[[torch.Tensor], Any], x: torch.Tensor, opts: Dict[str, Any], meta: bool
     ) -> None:
         self.root, self.run, self.x, self.opts, self.meta = root, run, x, opts, meta
+        start = time.perf_counter()
         self.probe = trace(root, run, x)
+        self.trace_seconds = time.perf_counter() - start
         if self.probe.output_batch != x.shape[0]:
             raise RuntimeError(f"the probe returned batch {self.probe.output_batch}, expected {x.shape[0]}.")
         self._cuts: Dict[str, bool] = {}
@@ -158,7 +166,7 @@ class _Chooser:
         raise last_error
 
     def _stages_or_blocks(self, positions: List[Position], hw: Tuple[int, int]) -> Tuple[str, List[Position]]:
-        ends = group(positions, hw)
+        ends = group(positions, hw, self.probe)
         blocks = block_run(self.probe, self.is_cut, self.opts["channels"], self.opts["prefer_nhwc"])
         if blocks and len(ends) >= 2:
             # A stem with resolution changes of its own (T2T-ViT's tokens-to-token) before a long body of repeated
@@ -193,6 +201,23 @@ class _Chooser:
         return kind, positions, chosen
 
 
+def _real_forward_seconds(
+    owner: nn.Module, run: Callable[[torch.Tensor], Any], shape: Sequence[int], dtype: torch.dtype, device: torch.device
+) -> float:
+    """Seconds of one real probe forward (inf when the model is large or the forward fails)."""
+    if sum(p.numel() for p in owner.parameters()) > REAL_TRIAL_PARAMS:
+        return math.inf
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(PROBE_BATCH, *shape, generator=g).to(device=device, dtype=dtype)
+    try:
+        with probe_mode(owner, False):
+            start = time.perf_counter()
+            run(x)
+            return time.perf_counter() - start
+    except Exception:  # noqa: BLE001 - the probe proper reports the failure
+        return math.inf
+
+
 def find_exit_layout(
     root: nn.Module,
     run: Callable[[torch.Tensor], Any],
@@ -207,6 +232,7 @@ def find_exit_layout(
     teacher: Optional[str] = None,
     name: Optional[str] = None,
     fix: str = "",
+    probe: str = "auto",
 ) -> ExitLayout:
     """Probe ``run`` (the model's forward on a (N, C, H, W) batch) and place exits on ``root``'s main path.
 
@@ -223,7 +249,12 @@ def find_exit_layout(
         prefer_nhwc: Ambiguous 4-D maps are NHWC.
         teacher: Name of the module whose input is the deepest classifier's features.
         name: The model's name for messages; ``fix``: the way out, appended to messages.
+        probe: ``'auto'``: shapes only on the meta device, unless the model allows no meta forward, is on the meta
+            device already, or is small enough that a real forward is faster (then real tensors); ``'meta'`` or
+            ``'real'`` force one (``'real'`` needs real weights).
     """
+    if probe not in ("auto", "meta", "real"):
+        raise ValueError(f"probe must be 'auto', 'meta' or 'real', got {probe!r}.")
     if len(input_shape) != 3 or not all(isinstance(s, int) and s > 0 for s in input_shape):
         raise ValueError(f"input_size must be (C, H, W) positive ints, got {tuple(input_shape)!r}.")
     owner = owner if owner is not None else root
@@ -238,7 +269,12 @@ def find_exit_layout(
     )
     dtype, device = _dtype_device(owner)
     modes = [True] if device.type == "meta" else [True, False]
+    if probe != "auto":
+        if probe == "real" and device.type == "meta":
+            raise ValueError("probe='real' needs real weights; this model is on the meta device.")
+        modes = [probe == "meta"]
     opts["real_possible"] = len(modes) > 1
+    real_seconds = _real_forward_seconds(owner, run, input_shape, dtype, device) if len(modes) > 1 else math.inf
     for meta in modes:
         try:
             with probe_mode(owner, meta):
@@ -248,6 +284,8 @@ def find_exit_layout(
                     g = torch.Generator().manual_seed(0)
                     x = torch.randn(PROBE_BATCH, *input_shape, generator=g).to(device=device, dtype=dtype)
                 chooser = _Chooser(root, run, x, opts, meta)
+                if meta and chooser.trace_seconds > real_seconds:
+                    raise _NeedRealProbe("a real forward is faster")
                 kind, positions, chosen = chooser.choose()
                 if meta and opts["real_possible"] and kind == BLOCK and chooser.unjudged:
                     # Stage containers that need the full batch (Twins-SVT) look like no stages on meta.

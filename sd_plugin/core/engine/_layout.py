@@ -22,7 +22,7 @@ class Position:
     call: int
     fmt: str
     channels: int
-    key: Tuple[int, ...]  # spatial positions (H*W) or tokens (L) of every batch-first feature tensor
+    key: Tuple[int, ...]  # the distinct spatial positions (H*W) or token counts (L) of its batch-first features
     size: Tuple[int, ...]  # spatial (H, W) of a map, (L,) of tokens
     output_index: Optional[int]
     is_leaf: bool
@@ -90,7 +90,9 @@ def position_of(probe: Probe, idx: int, channels: Mapping[str, int], prefer_nhwc
     lay = tensor_layout(tensor, input_hw, channels.get(call.name), prefer_nhwc)
     if lay is None:
         return None
-    key = tuple(_positions_in(t, input_hw, channels.get(call.name), prefer_nhwc) for _, t in feats)
+    # The resolutions present, once each: a new branch at a new resolution starts a stage (HRNet), a second stream
+    # at the same one does not (RevViT's two halves).
+    key = tuple(dict.fromkeys(_positions_in(t, input_hw, channels.get(call.name), prefer_nhwc) for _, t in feats))
     return Position(call.name, idx, lay[0], lay[1], key, lay[2], index, call.is_leaf, id(tensor))
 
 
@@ -182,8 +184,13 @@ def named_positions(
     return _dedupe(found, probe.calls)
 
 
-def group(positions: List[Position], input_hw: Tuple[int, int]) -> List[Position]:
-    """Stage ends: the last position of every run of one resolution, without stem-level runs."""
+def group(positions: List[Position], input_hw: Tuple[int, int], probe: Optional[Probe] = None) -> List[Position]:
+    """Stage ends: the last position of every run of one resolution, without stem-level runs.
+
+    With the ``probe``, a first run that is only a stem carries no exit either when at least three deeper stages
+    remain: single layers before stage modules (Conformer's ``maxpool``; a LeNet made of single layers keeps them),
+    or one module that is no sibling of any deeper stage end (TinyViT's ``patch_embed`` before ``stages.0..3``).
+    """
     runs: List[List[Position]] = []
     for pos in positions:
         if runs and runs[-1][-1].key == pos.key:
@@ -196,6 +203,13 @@ def group(positions: List[Position], input_hw: Tuple[int, int]) -> List[Position
     deep = [e for e in ends if e.reduction(input_hw) > 2.5]
     if len(deep) >= 3:
         ends = deep
+    if probe is not None and len(ends) >= 4:
+        first = next(run for run in runs if run[-1] is ends[0])
+        parents = {e.name.rpartition(".")[0] for e in ends[1:]}
+        lone_stem = len(first) == 1 and first[0].name.rpartition(".")[0] not in parents
+        layers_only = all(probe.calls[p.call].is_leaf for p in first)
+        if lone_stem or (layers_only and not all(probe.calls[e.call].is_leaf for e in ends[1:])):
+            ends = ends[1:]
     return ends
 
 

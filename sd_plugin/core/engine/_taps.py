@@ -196,6 +196,28 @@ class ExitEngine:
             raise RuntimeError(f"the forward pass never reached exit point {self.points[k].module!r}.")
         return cap._values[k]
 
+    def check_gradients(self, features: Sequence[torch.Tensor]) -> None:
+        """Raise when a trainable point's feature carries no gradient in a training pass with autograd on.
+
+        A backbone can compute its blocks outside autograd (RevViT's reversible backprop runs them inside a custom
+        ``autograd.Function``): the exits would train on detached features and their losses never reach the
+        backbone, silently. Frozen modules (no parameter requires grad) are fine.
+        """
+        if not torch.is_grad_enabled():
+            return
+        detached = [
+            p.module
+            for p, f, m in zip(self.points, features, self._modules())
+            if not f.requires_grad and any(q.requires_grad for q in m.parameters())
+        ]
+        if detached:
+            raise ValueError(
+                f"the features at exit points {detached} carry no gradient although those modules train: the "
+                f"backbone computes them outside autograd (e.g. RevViT's reversible backprop), so the exits' losses "
+                f"would never reach it. Train with plain backprop (RevViT: backbone=dict(no_custom_backward=True)) "
+                f"or name stage_modules whose outputs carry gradients."
+            )
+
     @contextlib.contextmanager
     def intercept(self, fn: InterceptFn) -> Iterator[None]:
         """Call ``fn`` at every exit point during the forward pass run inside the block (see :data:`InterceptFn`)."""
