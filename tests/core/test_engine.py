@@ -344,3 +344,30 @@ def test_features_computed_outside_autograd_are_refused_frozen_ones_are_not() ->
         engine.check_gradients(cap.features)  # no autograd pass: nothing to check
     model.block2.requires_grad_(False)  # a frozen stage: detached features are expected there
     engine.check_gradients(cap.features)
+
+
+class WritesIntoInput(NumberedStages):
+    """TNT-style: each later stage writes into the tensor the stage before returned."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i in range(1, 5):
+            x = getattr(self, f"block{i}")(getattr(self, f"down{i}")(x))
+            returned = x
+            x = x.clone()
+            returned.mul_(0.0)  # the stage's output, overwritten after it returned (a clone hands on the value)
+        return self.fc(x.mean((2, 3)))
+
+
+def test_outputs_written_later_in_place_are_copied_at_the_tap() -> None:
+    model = WritesIntoInput().eval()
+    points = _layout(model, probe="meta").points
+    assert [p.copy for p in points] == [True] * 3
+    assert not any(p.copy for p in _layout(NumberedStages(), probe="meta").points)
+    engine = ExitEngine(model, points)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        with engine.capture() as cap:
+            model(x)
+        want = model.block1(model.down1(x))
+    torch.testing.assert_close(cap.features[0], want, rtol=0, atol=0)
+    assert cap.features[0].abs().sum() > 0

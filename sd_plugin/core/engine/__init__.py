@@ -304,9 +304,10 @@ def find_exit_layout(
             kind=kind,
             positions=tuple(p.name for p in positions),
             points=tuple(
-                to_point(positions[i], deepest, chooser.shrinkable.get(positions[i].name, True)) for i in chosen
+                to_point(chooser.probe, positions[i], deepest, chooser.shrinkable.get(positions[i].name, True))
+                for i in chosen
             ),
-            deepest=to_point(deepest, deepest),
+            deepest=to_point(chooser.probe, deepest, deepest),
             teacher=teacher_point,
             probed_on="meta" if meta else device.type,
             output_shape=chooser.probe.output_shape,

@@ -262,7 +262,14 @@ def stride_between(here: Position, deepest: Position) -> int:
     return max(1, round(here.side() / max(1e-6, deepest.side())))
 
 
-def to_point(pos: Position, deepest: Position, shrinkable: bool = True) -> ExitPoint:
+def to_point(probe: Probe, pos: Position, deepest: Position, shrinkable: bool = True) -> ExitPoint:
+    copy = probe.calls[pos.call].written_later
     return ExitPoint(
-        pos.name, pos.fmt, pos.channels, stride_between(pos, deepest), pos.output_index, shrinkable=shrinkable
+        pos.name,
+        pos.fmt,
+        pos.channels,
+        stride_between(pos, deepest),
+        pos.output_index,
+        shrinkable=shrinkable,
+        copy=copy,
     )

@@ -28,6 +28,8 @@ class ExitPoint:
         shrinkable: A hook here may hand on fewer samples (what early exit does). False where the model's later
             code needs the whole batch (e.g. Twins-SVT reshapes with the input's batch size): an exit there still
             trains and predicts, but early exit cannot skip later stages for the samples it answered.
+        copy: The model writes into this output later, in place (TNT): the tap keeps a copy, so the exit reads the
+            module's output, not what later layers made of it.
     """
 
     module: str
@@ -37,6 +39,7 @@ class ExitPoint:
     output_index: Optional[int] = None
     hook: str = "forward"
     shrinkable: bool = True
+    copy: bool = False
 
     def __post_init__(self) -> None:
         if self.fmt not in FEATURE_FORMATS:

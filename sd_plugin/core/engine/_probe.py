@@ -73,10 +73,16 @@ class Call:
     children: List[int] = field(default_factory=list)
     outputs: List[Tuple[Optional[int], torch.Tensor]] = field(default_factory=list)
     input_shape: Optional[Tuple[int, ...]] = None
+    versions: List[int] = field(default_factory=list)  # each output's version counter when the call returned
 
     @property
     def is_leaf(self) -> bool:
         return not self.children
+
+    @property
+    def written_later(self) -> bool:
+        """Later code wrote into an output of this call in place (TNT's ``patch_embed[:, 1:] = ...``)."""
+        return any(t._version != v for (_, t), v in zip(self.outputs, self.versions))
 
 
 @dataclass
@@ -159,6 +165,7 @@ def trace(root: nn.Module, run: Callable[[torch.Tensor], Any], x: torch.Tensor) 
             calls[idx].end = clock[0]
             clock[0] += 1
             calls[idx].outputs = feature_tensors(output, batch)
+            calls[idx].versions = [t._version for _, t in calls[idx].outputs]
 
         return hook
 
@@ -208,6 +215,14 @@ def is_cut(root: nn.Module, name: str, run: Callable[[torch.Tensor], Any], x: to
     return fired[0] == 1 and batch_of(out) == keep
 
 
+def _clone(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_clone(v) for v in value)
+    return value
+
+
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
         return a.shape == b.shape and bool(torch.equal(a, b))
@@ -224,12 +239,13 @@ def is_value_cut(root: nn.Module, name: str, run: Callable[[torch.Tensor], Any],
     """
     seen: List[Any] = []
 
+    # Copies: later layers may write into the very tensor a module returned (TNT's ``patch_embed[:, 1:] = ...``).
     def record(mod: nn.Module, args: Any, output: Any) -> None:
-        seen.append(output)
+        seen.append(_clone(output))
 
     def replace(mod: nn.Module, args: Any, output: Any) -> Any:
         seen.append(output)
-        return seen[0] if len(seen) == 2 else None
+        return _clone(seen[0]) if len(seen) == 2 else None
 
     module = root.get_submodule(name)
     x = x[:1]  # one sample is enough here (the batch is not what is tested), and a third of the cost

@@ -41,7 +41,8 @@ class Capture:
                 f"exit point {self.points[k].module!r} ran more than once in one forward pass; an exit needs a "
                 "module that runs once per pass (choose other exit indices or stage_modules)."
             )
-        self._values[k] = select_feature(value, self.points[k])
+        feature = select_feature(value, self.points[k])
+        self._values[k] = feature.clone() if self.points[k].copy else feature
 
     @property
     def features(self) -> List[torch.Tensor]:
