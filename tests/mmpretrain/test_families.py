@@ -186,3 +186,37 @@ def test_reversible_backbone_refuses_detached_exit_features_and_trains_with_plai
     sd(inputs, samples, mode="loss")["exit1_loss_ce"].backward()
     grad = sd.backbone.layers[0].attn.qkv.weight.grad
     assert grad is not None and float(grad.abs().sum()) > 0  # exit 1's loss reaches the first block
+
+
+# Packaged configs as they ship (model dict only, 5 classes), built with the two lines: where the exits land.
+# "~" marks a point that cannot hand on fewer samples (later code reshapes with the input's batch size).
+PACKAGED_PLACEMENT = {
+    "t2t_vit/t2t-vit-t-14_8xb64_in1k.py": ["encoder.3", "encoder.6", "encoder.9"],
+    "xcit/xcit-nano-12-p16_8xb128_in1k.py": ["~xca_layers.2", "~xca_layers.5", "~xca_layers.8"],
+    "hivit/hivit-tiny-p16_16xb64_in1k.py": ["~blocks.7", "~blocks.10", "~blocks.13"],
+    "twins/twins-svt-small_8xb128_in1k.py": ["~stages.0.1", "~stages.1.1", "~stages.2.9"],
+    "tnt/tnt-s-p16_16xb64_in1k.py": ["~layers.2", "~layers.5", "~layers.8"],
+    "mvit/mvitv2-tiny_8xb256_in1k.py": ["blocks.0", "blocks.2", "blocks.7"],
+    "tinyvit/tinyvit-5m_8xb256_in1k.py": ["stages.0", "stages.1"],
+    "eva02/eva02-tiny-p14_in1k.py": ["layers.2", "layers.5", "layers.8"],
+    "deit3/deit3-small-p16_64xb64_in1k.py": ["layers.2", "layers.5", "layers.8"],
+    "mlp_mixer/mlp-mixer-base-p16_64xb64_in1k.py": ["layers.2", "layers.5", "layers.8"],
+    "davit/davit-tiny_4xb256_in1k.py": ["stages.0", "stages.1", "stages.2"],
+    "swin_transformer_v2/swinv2-tiny-w8_16xb64_in1k-256px.py": ["stages.0", "stages.1", "stages.2"],
+    "repmlp/repmlp-base_8xb64_in1k.py": ["stages.0", "stages.1", "stages.2"],
+    "hornet/hornet-tiny-gf_8xb128_in1k.py": ["stages.0", "stages.1", "stages.2"],
+    "edgenext/edgenext-xxsmall_8xb256_in1k.py": ["stages.0", "stages.1", "stages.2"],
+    "efficientformer/efficientformer-l1_8xb128_in1k.py": ["network.0", "network.1", "network.2"],
+    "riformer/riformer-s12_8xb128_in1k.py": ["network.0", "network.2", "network.4"],
+    "mobilenet_v3/mobilenet-v3-small-050_8xb128_in1k.py": ["layer1", "layer3", "layer8"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rel", sorted(PACKAGED_PLACEMENT))
+def test_packaged_config_exit_placement(rel: str) -> None:
+    from mmpretrain.registry import MODELS
+
+    model = MODELS.build(dict(load_model_cfg(rel), type="SelfDistillClassifier"))
+    got = [("" if p.shrinkable else "~") + p.module for p in model.exit_points]
+    assert got == PACKAGED_PLACEMENT[rel]
