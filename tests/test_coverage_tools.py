@@ -77,6 +77,8 @@ def test_mmpretrain_configs_counted_and_excluded() -> None:
         32,
     )
     assert input_size(counted["vision_transformer/vit-base-p16_64xb64_in1k-384px.py"]) == (384, 384)
+    # built for 384 px (backbone img_size) while the inherited training pipeline still crops 224
+    assert input_size(counted["tinyvit/tinyvit-21m-distill_8xb256_in1k-384px.py"]) == (384, 384)
     assert excluded["mae/mae_vit-base-p16_8xb512-amp-coslr-300e_in1k.py"].startswith("self-supervised")
     assert "without a head" in excluded["dinov2/vit-small-p14_dinov2-pre_headless.py"]
     # mmengine cannot load these; their model base file says ImageClassifier, so they count (as failures)
@@ -125,3 +127,5 @@ def test_placement_problems_are_named() -> None:
     assert "the last of the 4 modules in 'stages'" in placement_problem(model("stages.1", "stages.3"), None)
     assert "nested" in placement_problem(model("stages.1", "stages.1.0"), None)
     assert "nested" in placement_problem(model("stages.2", "stages.2"), None)
+    # the last block of each stage's block list (Twins-SVT's stages.0.1, stages.1.1, ...) is a stage end
+    assert placement_problem(model("stages.0.1", "stages.1.1", "stages.2.1"), None) is None

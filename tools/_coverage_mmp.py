@@ -117,7 +117,14 @@ def _crop_size(pipeline: Any) -> Optional[Tuple[int, int]]:
 
 
 def input_size(cfg: Any) -> Tuple[int, int]:
-    """The training input size of a config: its train pipeline's crop, else test pipeline's, else img_size, 224."""
+    """The input size of a config: the backbone's ``img_size`` where the config sets one (a model built for 384 px
+    whose inherited training pipeline still crops 224, e.g. TinyViT-21M-384px), else its train pipeline's crop, else
+    the test pipeline's, else 224."""
+    img = (cfg.model.get("backbone") or {}).get("img_size")
+    if isinstance(img, int):
+        return (img, img)
+    if isinstance(img, (tuple, list)) and len(img) == 2 and all(isinstance(v, int) for v in img):
+        return (int(img[0]), int(img[1]))
     for loader in ("train_dataloader", "test_dataloader", "val_dataloader"):
         dataset = (cfg.get(loader) or {}).get("dataset") or {}
         while "pipeline" not in dataset and isinstance(dataset.get("dataset"), dict):
@@ -125,9 +132,6 @@ def input_size(cfg: Any) -> Tuple[int, int]:
         size = _crop_size(dataset.get("pipeline"))
         if size:
             return size
-    img = (cfg.model.get("backbone") or {}).get("img_size")
-    if isinstance(img, int):
-        return (img, img)
     return (224, 224)
 
 

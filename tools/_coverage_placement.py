@@ -25,6 +25,8 @@ def placement_problem(model: Any, x: torch.Tensor) -> Optional[str]:
         parent, _, index = name.rpartition(".")
         if not index.isdigit():
             continue
+        if parent.rpartition(".")[2].isdigit():
+            continue  # the last block of one stage's block list (Twins' ``stages.0.1``): a stage end, not the top
         container = tapped.get_submodule(parent) if parent else tapped
         if (
             isinstance(container, (nn.ModuleList, nn.Sequential))
