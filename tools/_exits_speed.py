@@ -26,11 +26,18 @@ __all__ = ["interleaved", "measure_speed"]
 
 
 def interleaved(fns: Mapping[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> Dict[str, List[float]]:
-    """Seconds of each function per repeat, calling all of them in turn in every repeat (after ``warmup`` rounds)."""
+    """Seconds of each function per repeat, calling all of them in turn in every repeat (after ``warmup`` rounds).
+
+    The order rotates by one every round, so no function always runs right after the same other one (a thread pool
+    still busy from the previous call would slow the next one, every round).
+    """
     times: Dict[str, List[float]] = {name: [] for name in fns}
+    names = list(fns)
     with torch.inference_mode():
         for r in range(warmup + repeats):
-            for name, fn in fns.items():
+            shift = r % len(names)
+            for name in names[shift:] + names[:shift]:
+                fn = fns[name]
                 start = time.perf_counter()
                 fn()
                 if r >= warmup:
@@ -46,13 +53,22 @@ def _images(name: str, singles: List[torch.Tensor], batches: List[torch.Tensor])
     return len(singles) if name.endswith("b1") else sum(len(b) for b in batches)
 
 
-def _ort_session(path: Path, threads: int) -> Any:
+def _ort_options(threads: int) -> Any:
+    """Session options for timing: ``threads`` intra-op threads (0: ONNX Runtime's default) that do not spin-wait
+    after a run, so they take no CPU from whatever is timed next (PyTorch eager, in the interleaved rounds)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return opts
+
+
+def _ort_session(path: Path, threads: int) -> Any:
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), sess_options=_ort_options(threads), providers=["CPUExecutionProvider"])
 
 
 def measure_speed(
@@ -100,12 +116,7 @@ def measure_speed(
         plain_path = export_onnx(deep, images[:2], workdir / "plain.onnx")
         export_cascade(model, images[:4], workdir / "cascade", policy)
         plain = _ort_session(plain_path, threads)
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        cascade = OnnxCascade(workdir / "cascade", session_options=opts)
+        cascade = OnnxCascade(workdir / "cascade", session_options=_ort_options(threads))
         np_batches = [b.numpy() for b in batches]
         np_singles = [x.numpy() for x in singles]
         fns.update(
