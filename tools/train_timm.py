@@ -85,13 +85,14 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     sd = p.add_argument_group("self-distillation (sd_plugin.SelfDistillConfig; BYOT defaults)")
     sd.add_argument("--no-sd", action="store_true", help="train the plain model with the same recipe")
     sd.add_argument("--sd-exit-indices", type=int, nargs="+", default=None, help="stage/block indices of the exits")
-    sd.add_argument("--sd-temperature", type=float, default=3.0)
-    sd.add_argument("--sd-ce-weight", type=float, default=0.7)
-    sd.add_argument("--sd-kd-weight", type=float, default=0.3)
-    sd.add_argument("--sd-hint-weight", type=float, default=0.03)
-    sd.add_argument("--sd-hint-form", choices=("mean", "rms", "squared"), default="mean")
-    sd.add_argument("--sd-deepest-weight", type=float, default=1.0)
-    sd.add_argument("--sd-exit-hidden-ratio", type=float, default=0.25)
+    d = SelfDistillConfig()  # the defaults live in one place
+    sd.add_argument("--sd-temperature", type=float, default=d.temperature)
+    sd.add_argument("--sd-ce-weight", type=float, default=d.ce_weight)
+    sd.add_argument("--sd-kd-weight", type=float, default=d.kd_weight)
+    sd.add_argument("--sd-hint-weight", type=float, default=d.hint_weight)
+    sd.add_argument("--sd-hint-form", choices=("mean", "rms", "squared"), default=d.hint_form)
+    sd.add_argument("--sd-deepest-weight", type=float, default=d.deepest_weight)
+    sd.add_argument("--sd-exit-hidden-ratio", type=float, default=d.exit_hidden_ratio)
     sd.add_argument("--sd-no-exits", action="store_true", help="no exits: a teacher-free method below alone")
     sd.add_argument(
         "--sd-warmup-epochs", type=int, default=0, help="ramp the KD and hint weights from 0 over these epochs"

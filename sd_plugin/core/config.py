@@ -56,8 +56,8 @@ class SelfDistillConfig:
             the README). ``hint_weight=0.34`` (0.03 x sqrt(128)) with
             ``hint_form='rms'`` equals BYOT's lambda = 0.03 times the L2 distance
             over the whole batch tensor at the authors' batch size 128 (~11x
-            the default's strength there); it has no completed benchmark yet
-            (README, Results), so the measured setting stays the default.
+            the default's strength there); in the README's 2-seed benchmark it
+            scored 57.38 against the default's 58.04, so the default stays.
         hint_form: How the hint reduces the per-sample L2 distances ``d_n =
             ||f_s(n) - f_t(n)||_2`` over the batch, all batch-size independent:
             ``'mean'`` (default, ours) ``mean_n d_n``; ``'rms'``
