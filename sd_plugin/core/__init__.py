@@ -2,7 +2,7 @@
 
 from .config import SelfDistillConfig, default_block_exits, default_stage_exits
 from .exits import ConvExit, TokenExit, VectorExit, build_exit
-from .losses import SelfDistillLoss, feature_hint, kd_kl_div, self_distill_losses, soft_cross_entropy
+from .losses import SelfDistillLoss, feature_hint, kd_binary_kl, kd_kl_div, self_distill_losses, soft_cross_entropy
 from .outputs import SelfDistillOutput
 from .protocol import MultiExitModel
 from .taps import ExitPoint, FeatureTaps, StopForward, get_submodule, select_feature
@@ -18,6 +18,7 @@ __all__ = [
     "SelfDistillLoss",
     "feature_hint",
     "kd_kl_div",
+    "kd_binary_kl",
     "self_distill_losses",
     "soft_cross_entropy",
     "SelfDistillOutput",

@@ -22,6 +22,7 @@ from .outputs import SelfDistillOutput
 __all__ = [
     "soft_cross_entropy",
     "kd_kl_div",
+    "kd_binary_kl",
     "feature_hint",
     "self_distill_losses",
     "SelfDistillLoss",
@@ -35,6 +36,18 @@ def _check_logits(name: str, logits: torch.Tensor) -> None:
         raise TypeError(f"{name} must be a tensor, got {type(logits).__name__}.")
     if logits.dim() != 2:
         raise ValueError(f"{name} must be (N, num_classes) logits, got shape {tuple(logits.shape)}.")
+
+
+def _check_kd_pair(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> None:
+    _check_logits("student logits", student_logits)
+    _check_logits("teacher logits", teacher_logits)
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} must have the same shape."
+        )
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}.")
 
 
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -70,18 +83,27 @@ def kd_kl_div(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temper
     The teacher side is detached here, so no gradient can flow into it. Not
     multiplied by T**2, as in BYOT's training code. Computed in float32.
     """
-    _check_logits("student logits", student_logits)
-    _check_logits("teacher logits", teacher_logits)
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(
-            f"student logits {tuple(student_logits.shape)} and teacher logits "
-            f"{tuple(teacher_logits.shape)} must have the same shape."
-        )
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}.")
+    _check_kd_pair(student_logits, teacher_logits, temperature)
     log_p_s = F.log_softmax(student_logits.float() / temperature, dim=1)
     log_p_t = F.log_softmax(teacher_logits.detach().float() / temperature, dim=1)
     return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
+
+
+def kd_binary_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Multi-label KD: KL(Bernoulli(sigmoid(teacher / T)) || Bernoulli(sigmoid(student / T))) summed over classes.
+
+    Every class is a yes/no decision of its own (the sigmoid per class of a
+    multi-label head), so each class contributes the KL divergence of two
+    two-outcome distributions; summed over classes and averaged over the batch
+    like :func:`kd_kl_div`. Teacher detached; float32; not multiplied by T**2.
+    """
+    _check_kd_pair(student_logits, teacher_logits, temperature)
+    s = student_logits.float() / temperature
+    t = teacher_logits.detach().float() / temperature
+    p_t = t.sigmoid()
+    # log sigmoid(x) and log(1 - sigmoid(x)) = log sigmoid(-x), both stable for large |x|.
+    kl = p_t * (F.logsigmoid(t) - F.logsigmoid(s)) + (1 - p_t) * (F.logsigmoid(-t) - F.logsigmoid(-s))
+    return kl.sum(dim=1).mean()
 
 
 def feature_hint(student_features: torch.Tensor, teacher_features: torch.Tensor, form: str = "mean") -> torch.Tensor:
@@ -125,9 +147,13 @@ def self_distill_losses(
     on the deepest classifier when their weights are non-zero (PS-KD and
     Tf-KD-reg also scale ``loss_ce`` by one minus their mixing weight).
 
+    A multi-label output (``output.multi_label``) distils with
+    :func:`kd_binary_kl` (a sigmoid per class) instead of :func:`kd_kl_div`; the
+    teacher-free methods, built on one softmax over the classes, refuse it.
+
     Args:
         output: Per-exit logits and features plus the deepest ones.
-        target: Class indices (N,) or soft targets (N, C).
+        target: Class indices (N,) or soft targets (N, C) (multi-label: (N, C) multi-hot).
         config: Weights and temperature.
         ce_fn: Label loss of the deepest classifier (default :func:`soft_cross_entropy`).
         exit_ce_fns: Label loss per exit (default ``ce_fn``), e.g. each exit head's own loss.
@@ -145,6 +171,22 @@ def self_distill_losses(
         exit_ce_fns = [ce_fn] * output.num_exits
     if len(exit_ce_fns) != output.num_exits:
         raise ValueError(f"got {len(exit_ce_fns)} exit loss functions for {output.num_exits} exits.")
+    if output.multi_label:
+        methods = [
+            n
+            for n, w in (
+                ("pskd_alpha", config.pskd_alpha),
+                ("cskd_weight", config.cskd_weight),
+                ("tfkd_weight", config.tfkd_weight),
+            )
+            if w > 0
+        ]
+        if methods:
+            raise ValueError(
+                f"{', '.join(methods)} > 0: PS-KD, CS-KD and Tf-KD-reg distil one softmax over the classes and do "
+                "not apply to a multi-label classifier (a sigmoid per class); set them to 0 (BYOT's exit terms work)."
+            )
+    kd_fn = kd_binary_kl if output.multi_label else kd_kl_div
     losses: Dict[str, torch.Tensor] = {}
     label_scale = config.deepest_weight
     method_terms: Dict[str, torch.Tensor] = {}
@@ -171,7 +213,7 @@ def self_distill_losses(
     teacher_features = output.features.detach()
     for k, (logits, feats, exit_ce) in enumerate(zip(output.exit_logits, output.exit_features, exit_ce_fns), 1):
         losses[f"exit{k}_loss_ce"] = config.ce_weight * exit_ce(logits, target)
-        losses[f"exit{k}_loss_kd"] = config.kd_weight * kd_kl_div(logits, teacher_logits, config.temperature)
+        losses[f"exit{k}_loss_kd"] = config.kd_weight * kd_fn(logits, teacher_logits, config.temperature)
         losses[f"exit{k}_loss_hint"] = config.hint_weight * feature_hint(feats, teacher_features, config.hint_form)
     return losses
 

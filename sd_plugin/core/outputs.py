@@ -20,12 +20,16 @@ class SelfDistillOutput:
         exit_logits: Logits of every exit, shallowest first, each (N, C).
         exit_features: Pooled features of every exit, each (N, D), the
             deepest features' shape (for the feature hint).
+        multi_label: True when every class is a yes/no decision of its own
+            (a sigmoid per class, as MMPretrain's ``MultiLabelClsHead``
+            predicts), False for one softmax over the classes.
     """
 
     logits: torch.Tensor
     features: torch.Tensor
     exit_logits: List[torch.Tensor]
     exit_features: List[torch.Tensor]
+    multi_label: bool = False
 
     def __post_init__(self) -> None:
         if len(self.exit_logits) != len(self.exit_features):
@@ -39,10 +43,18 @@ class SelfDistillOutput:
         """Logits of every exit then the deepest classifier (1-based exit k is index k - 1)."""
         return [*self.exit_logits, self.logits]
 
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """Class probabilities of ``logits`` (N, C): softmax, or a sigmoid per class when ``multi_label``."""
+        return logits.float().sigmoid() if self.multi_label else logits.float().softmax(dim=1)
+
     def ensemble_probs(self) -> torch.Tensor:
-        """Softmax of the mean logits of all exits and the deepest classifier.
+        """Probabilities of the mean logits of all exits and the deepest classifier (see :meth:`probs`).
 
         As BYOT's released code computes its ensemble (``sum(outputs) / len(outputs)``
         of the logits; github.com/ArchipLab-LinfengZhang/pytorch-self-distillation-final, train.py).
         """
-        return torch.stack([lg.float() for lg in self.all_logits()]).mean(dim=0).softmax(dim=1)
+        return self.probs(torch.stack([lg.float() for lg in self.all_logits()]).mean(dim=0))
+
+    def ensemble_logits(self) -> torch.Tensor:
+        """Logits whose probabilities (:meth:`probs`) are :meth:`ensemble_probs`: the mean logits, in float32."""
+        return torch.stack([lg.float() for lg in self.all_logits()]).mean(dim=0)

@@ -14,7 +14,10 @@ the self-distillation terms see:
   recorded from inside the call, so dropout in hidden layers gives the features
   the logits came from; several tensors (``DeiTClsHead``'s class and
   distillation tokens, ``ConformerHead``'s two branches) are flattened and
-  concatenated.
+  concatenated. A head that classifies an unpooled (N, C, H, W) feature map
+  (``CSRAClsHead``) gives the map averaged over H and W: the exits' pooled
+  features are compared with what a pooled head would see, not with a vector
+  of C * H * W values.
 """
 
 from __future__ import annotations
@@ -64,14 +67,15 @@ def plain_logits(head: nn.Module, out: Any) -> torch.Tensor:
 
 
 def hint_features(head: nn.Module, pre: Any) -> torch.Tensor:
-    """The hint features from ``head.pre_logits``: a tensor flattened to (N, D), or several concatenated."""
+    """The hint features from ``head.pre_logits``: a tensor flattened to (N, D) (an (N, C, H, W) map averaged over
+    H and W first), or several concatenated."""
     parts = list(pre) if isinstance(pre, (tuple, list)) else [pre]
     if not parts or not all(isinstance(t, torch.Tensor) and t.dim() >= 2 for t in parts):
         raise TypeError(
             f"head {type(head).__name__}.pre_logits gave {_describe(pre)}; the feature hint needs (N, D) features "
-            "(or a tuple of them)."
+            "or (N, C, H, W) maps (or a tuple of them)."
         )
-    flat = [t.flatten(1) for t in parts]
+    flat = [(t.mean(dim=(2, 3)) if t.dim() == 4 else t).flatten(1) for t in parts]
     return flat[0] if len(flat) == 1 else torch.cat(flat, dim=1)
 
 

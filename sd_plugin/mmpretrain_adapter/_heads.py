@@ -26,6 +26,14 @@ then picks how every exit classifies its pooled feature, in this order:
    targets) on features as wide as the deepest hint features, so the hint
    compares the exit's features with the deepest head's ``pre_logits``
    (several are concatenated).
+
+Multi-label heads (``MultiLabelClsHead`` and its subclasses
+``MultiLabelLinearClsHead``, ``CSRAClsHead``: a sigmoid per class) follow the
+same order; their ``'logits'`` and ``'linear'`` exits are a
+``MultiLabelLinearClsHead`` with the head's loss, ``thr`` and ``topk``.
+``CSRAClsHead`` classifies the unpooled feature map, so its exits take the
+``'linear'`` route and the hint compares their features with the
+spatially averaged map (see ``_head_calls.hint_features``).
 """
 
 from __future__ import annotations
@@ -37,28 +45,41 @@ from typing import Any, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
-from mmpretrain.models.heads import ClsHead, LinearClsHead
+from mmpretrain.models.heads import ClsHead, LinearClsHead, MultiLabelClsHead, MultiLabelLinearClsHead
 from mmpretrain.registry import MODELS
-from mmpretrain.structures import DataSample
+from mmpretrain.structures import DataSample, label_to_onehot
 
 from ._head_calls import run_head
 
-__all__ = ["check_head", "probe_head", "plan_exit_heads", "HeadProbe", "ExitHeadPlan", "targets_of"]
+__all__ = [
+    "check_head",
+    "is_multi_label",
+    "probe_head",
+    "plan_exit_heads",
+    "HeadProbe",
+    "ExitHeadPlan",
+    "targets_of",
+]
+
+
+def is_multi_label(head: nn.Module) -> bool:
+    """Whether ``head`` predicts a sigmoid per class (MMPretrain's ``MultiLabelClsHead`` family)."""
+    return isinstance(head, MultiLabelClsHead)
 
 
 def check_head(head: Optional[nn.Module], head_cfg: Any) -> None:
-    """Refuse heads that exits cannot be built for (no head, multi-label or self-supervised heads)."""
+    """Refuse heads that exits cannot be built for (no head, self-supervised or other non-classification heads)."""
     if head is None:
         raise ValueError(
             "SelfDistillClassifier needs a classification head (model.head); the exits copy its type and loss."
         )
     name = type(head).__name__
-    if not isinstance(head, ClsHead):
+    if not isinstance(head, (ClsHead, MultiLabelClsHead)):
         raise TypeError(
-            f"head {name} is not a single-label classification head (a subclass of mmpretrain's ClsHead, e.g. "
-            "LinearClsHead). SelfDistillClassifier works on supervised ImageClassifier configs (backbone, optional "
-            "neck, ClsHead-style head); multi-label heads (MultiLabelClsHead, CSRAClsHead, ...) and self-supervised "
-            "algorithm configs (MoCo, SimCLR, BYOL, MAE, ...) are not supported."
+            f"head {name} is not a classification head (a subclass of mmpretrain's ClsHead, e.g. LinearClsHead, "
+            "or MultiLabelClsHead). SelfDistillClassifier works on supervised ImageClassifier configs (backbone, "
+            "optional neck, classification head); self-supervised algorithm configs (MoCo, SimCLR, BYOL, MAE, ...) "
+            "are not supported."
         )
     if not isinstance(head_cfg, dict):
         raise TypeError(f"SelfDistillClassifier needs the head as a config dict to copy it per exit, got {name}.")
@@ -104,6 +125,16 @@ class _LogitsExitHead(LinearClsHead):
         return self.pre_logits(feats)
 
 
+class _MultiLabelLogitsExitHead(MultiLabelLinearClsHead):
+    """:class:`_LogitsExitHead` for a multi-label head (sigmoid per class)."""
+
+    def pre_logits(self, feats: Any) -> torch.Tensor:
+        return self.fc(feats[-1])
+
+    def forward(self, feats: Any) -> torch.Tensor:
+        return self.pre_logits(feats)
+
+
 @dataclass
 class ExitHeadPlan:
     """How every exit classifies its pooled feature (see the module docstring).
@@ -125,8 +156,13 @@ class ExitHeadPlan:
         if self.kind == "copy":
             return MODELS.build(copy.deepcopy(self._cfg))
         loss = copy.deepcopy(self._head.loss_module)
+        logits = self.kind == "logits"
+        if is_multi_label(self._head):
+            ml = _MultiLabelLogitsExitHead if logits else MultiLabelLinearClsHead
+            thr, topk = getattr(self._head, "thr", None), getattr(self._head, "topk", None)
+            return ml(num_classes=self.num_classes, in_channels=self.width, loss=loss, thr=thr, topk=topk)
         topk = getattr(self._head, "topk", (1,))
-        cls = _LogitsExitHead if self.kind == "logits" else LinearClsHead
+        cls = _LogitsExitHead if logits else LinearClsHead
         return cls(num_classes=self.num_classes, in_channels=self.width, loss=loss, topk=topk)
 
 
@@ -177,10 +213,13 @@ def plan_exit_heads(head: nn.Module, head_cfg: dict, probe: HeadProbe, tapped_ch
     return ExitHeadPlan("linear", probe.feature_width, probe.num_classes, head)
 
 
-def targets_of(data_samples: List[DataSample]) -> torch.Tensor:
-    """Targets packed as :class:`~mmpretrain.models.heads.ClsHead` packs them (soft scores after Mixup/CutMix)."""
+def targets_of(data_samples: List[DataSample], num_classes: int, multi_label: bool = False) -> torch.Tensor:
+    """Targets packed as the head packs them: class indices (N,), soft scores (N, C) after Mixup/CutMix, and for a
+    multi-label head (``MultiLabelClsHead``) always (N, C): ``gt_score``, else the labels as multi-hot rows."""
     if not data_samples:
         raise ValueError("mode='loss' needs data_samples with gt_label (or gt_score).")
     if "gt_score" in data_samples[0]:
         return torch.stack([ds.gt_score for ds in data_samples])
+    if multi_label:
+        return torch.stack([label_to_onehot(ds.gt_label, num_classes) for ds in data_samples]).float()
     return torch.cat([ds.gt_label for ds in data_samples])

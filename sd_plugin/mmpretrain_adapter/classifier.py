@@ -20,7 +20,7 @@ from sd_plugin.core.engine import ExitEngine, ProbeError, find_exit_layout
 from ._discovery import check_stage_modules, probe_input_shape
 from ._early_exit_infer import early_exit_logits, exit_scores_requested, parse_early_exit
 from ._head_calls import HeadOutput, deepest_head_loss, given_loss, head_loss, plain_logits, run_head
-from ._heads import HeadProbe, check_head, plan_exit_heads, probe_head, targets_of
+from ._heads import HeadProbe, check_head, is_multi_label, plan_exit_heads, probe_head, targets_of
 from ._layer_depth import exit_layer_depth
 from .distill_loss import SelfDistillLoss
 from .exit_neck import SelfDistillExitNeck
@@ -139,6 +139,13 @@ class SelfDistillClassifier(ImageClassifier):
             init_cfg=init_cfg,
         )
         check_head(self.head, head_cfg)
+        #: A multi-label head (MultiLabelClsHead family): a sigmoid per class, distilled with a binary KL per class.
+        self.multi_label = is_multi_label(self.head)
+        if self.multi_label and early_exit is not None:
+            raise ValueError(
+                f"early_exit is not available for the multi-label head {type(self.head).__name__}: its confidence "
+                "rules (max softmax probability, entropy) assume one softmax over the classes. Remove early_exit."
+            )
         self.eval_exits = bool(eval_exits)
         self._attach_exit_scores = False
         self.distill_loss = SelfDistillLoss(config=self.sd_config)
@@ -259,8 +266,7 @@ class SelfDistillClassifier(ImageClassifier):
             self.exit_engine.check_gradients(cap.features)
         return feats, cap.features
 
-    @staticmethod
-    def _output(deepest: HeadOutput, exits: Sequence[HeadOutput]) -> SelfDistillOutput:
+    def _output(self, deepest: HeadOutput, exits: Sequence[HeadOutput]) -> SelfDistillOutput:
         logits, pre = deepest.logits, deepest.features
         for k, e in enumerate(exits, 1):
             if e.logits.shape != logits.shape or e.features.shape != pre.shape:
@@ -268,7 +274,8 @@ class SelfDistillClassifier(ImageClassifier):
                     f"exit {k} gives logits {tuple(e.logits.shape)} and features {tuple(e.features.shape)}, the "
                     f"deepest head {tuple(logits.shape)} and {tuple(pre.shape)}; they must match exactly."
                 )
-        return SelfDistillOutput(logits, pre, [e.logits for e in exits], [e.features for e in exits])
+        exit_logits, exit_features = [e.logits for e in exits], [e.features for e in exits]
+        return SelfDistillOutput(logits, pre, exit_logits, exit_features, multi_label=self.multi_label)
 
     def _forward_all(self, inputs: torch.Tensor) -> Tuple[Any, SelfDistillOutput]:
         feats, tapped = self._tapped_forward(inputs)
@@ -286,7 +293,9 @@ class SelfDistillClassifier(ImageClassifier):
         ``pre_logits`` from those same calls.
         """
         check_finite_input(inputs)
-        target = targets_of(data_samples)
+        if self.multi_label and "gt_score" not in data_samples[0]:
+            check_class_labels(torch.cat([ds.gt_label for ds in data_samples]), self._num_classes)
+        target = targets_of(data_samples, self._num_classes, self.multi_label)
         check_class_labels(target, self._num_classes)
         feats, tapped = self._tapped_forward(inputs)
         deepest = deepest_head_loss(self.head, feats, data_samples)  # type: ignore[arg-type]
@@ -316,7 +325,7 @@ class SelfDistillClassifier(ImageClassifier):
         if isinstance(p, int) and p <= self.num_exits:
             return self._exit_only(inputs, p - 1)
         if p == "ensemble":
-            return self._forward_all(inputs)[1].ensemble_probs().clamp_min(1e-12).log()  # no -inf, as timm
+            return _ensemble_logits(self._forward_all(inputs)[1])
         return None
 
     def forward(
@@ -341,19 +350,26 @@ class SelfDistillClassifier(ImageClassifier):
             selected = self._selected_logits(inputs)
             if selected is None:
                 return super().predict(inputs, data_samples, **kwargs)
-            return _to_samples(selected, data_samples)
+            return self._to_samples(selected, data_samples)
         feats, out = self._forward_all(inputs)
         p = self.sd_config.predict_exit
         if p == "ensemble":
-            samples = _to_samples(out.ensemble_probs().clamp_min(1e-12).log(), data_samples)
+            samples = self._to_samples(_ensemble_logits(out), data_samples)
         elif isinstance(p, int) and p <= self.num_exits:
-            samples = _to_samples(out.exit_logits[p - 1], data_samples)
+            samples = self._to_samples(out.exit_logits[p - 1], data_samples)
         else:
             samples = self.head.predict(feats, data_samples, **kwargs)  # type: ignore[union-attr]
-        scores = torch.stack([lg.float().softmax(dim=1) for lg in out.all_logits()], dim=1).detach()
+        scores = torch.stack([out.probs(lg) for lg in out.all_logits()], dim=1).detach()
         for sample, s in zip(samples, scores):
             sample.set_field(s, EXIT_SCORES, dtype=torch.Tensor)
         return samples
+
+    def _to_samples(self, logits: torch.Tensor, data_samples: Optional[List[DataSample]]) -> List[DataSample]:
+        """DataSamples with ``pred_score`` and ``pred_label`` from ``logits``, as the user's head fills them (its own
+        post-processing: softmax and arg-max, or a sigmoid per class and its ``thr``/``topk``)."""
+        if data_samples is None:
+            data_samples = [DataSample() for _ in range(logits.size(0))]
+        return list(self.head._get_predictions(logits.detach().float(), data_samples))  # type: ignore
 
     @contextlib.contextmanager
     def _exit_scores_on(self) -> Iterator[None]:
@@ -409,14 +425,11 @@ def _log_fresh_exits(module: nn.Module, incompatible: Any) -> None:
         )
 
 
-def _to_samples(logits: torch.Tensor, data_samples: Optional[List[DataSample]]) -> List[DataSample]:
-    """DataSamples with ``pred_score`` (softmax) and ``pred_label``, as ``ClsHead`` fills them."""
-    scores = logits.float().softmax(dim=1).detach()
-    labels = scores.argmax(dim=1, keepdim=True)
-    samples = data_samples if data_samples is not None else [DataSample() for _ in range(scores.size(0))]
-    for sample, score, label in zip(samples, scores, labels):
-        sample.set_pred_score(score).set_pred_label(label)
-    return list(samples)
+def _ensemble_logits(out: SelfDistillOutput) -> torch.Tensor:
+    """Logits of the ensemble whose softmax (sigmoid per class when multi-label) is ``out.ensemble_probs()``."""
+    if out.multi_label:
+        return out.ensemble_logits()
+    return out.ensemble_probs().clamp_min(1e-12).log()  # no -inf, as timm
 
 
 @contextlib.contextmanager

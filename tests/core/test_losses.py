@@ -8,6 +8,7 @@ from sd_plugin.core import (
     SelfDistillLoss,
     SelfDistillOutput,
     feature_hint,
+    kd_binary_kl,
     kd_kl_div,
     self_distill_losses,
     soft_cross_entropy,
@@ -40,6 +41,49 @@ def test_no_gradient_into_teacher():
     assert t.grad is None and ft.grad is None
     assert s.grad is not None and s.grad.abs().sum() > 0
     assert fs.grad is not None and fs.grad.abs().sum() > 0
+
+
+def test_binary_kd_matches_hand_computation():
+    s = torch.tensor([[1.0, -2.0, 0.0], [3.0, 0.5, -1.0]])
+    t = torch.tensor([[0.5, 0.0, 2.0], [-1.0, 0.5, 4.0]])
+    T = 2.0
+
+    def sig(v: float) -> float:
+        return 1.0 / (1.0 + math.exp(-v / T))
+
+    rows = []
+    for srow, trow in zip(s.tolist(), t.tolist()):
+        rows.append(
+            sum(
+                sig(b) * math.log(sig(b) / sig(a)) + (1 - sig(b)) * math.log((1 - sig(b)) / (1 - sig(a)))
+                for a, b in zip(srow, trow)
+            )
+        )
+    assert kd_binary_kl(s, t, T).item() == pytest.approx(sum(rows) / 2, rel=1e-5)
+
+
+def test_binary_kd_zero_at_teacher_finite_for_large_logits_and_teacher_detached():
+    x = torch.randn(4, 6)
+    assert kd_binary_kl(x.clone(), x, 3.0).item() == pytest.approx(0.0, abs=1e-6)
+    s = torch.tensor([[200.0, -200.0]], requires_grad=True)
+    t = torch.tensor([[-200.0, 200.0]], requires_grad=True)
+    value = kd_binary_kl(s, t, 1.0)
+    assert torch.isfinite(value) and value.item() == pytest.approx(400.0, rel=1e-4)  # 2 classes x 200 nats
+    value.backward()
+    assert t.grad is None and s.grad is not None and torch.isfinite(s.grad).all()
+
+
+def test_multi_label_output_distils_with_binary_kd_and_refuses_softmax_methods():
+    torch.manual_seed(0)
+    out = SelfDistillOutput(torch.randn(3, 4), torch.randn(3, 8), [torch.randn(3, 4)], [torch.randn(3, 8)], True)
+    target = torch.tensor([[1.0, 0, 1, 0], [0, 0, 0, 1], [1, 1, 1, 0]])
+    config = SelfDistillConfig()
+    terms = self_distill_losses(out, target, config, ce_fn=lambda z, y: z.sum() * 0)
+    expected = config.kd_weight * kd_binary_kl(out.exit_logits[0], out.logits, config.temperature)
+    torch.testing.assert_close(terms["exit1_loss_kd"], expected)
+    torch.testing.assert_close(out.ensemble_probs(), ((out.logits + out.exit_logits[0]) / 2).sigmoid())
+    with pytest.raises(ValueError, match="cskd_weight > 0.*multi-label"):
+        self_distill_losses(out, target, SelfDistillConfig(cskd_weight=1.0), ce_fn=lambda z, y: z.sum() * 0)
 
 
 def test_hint_hand_computed_and_shape_checked():
