@@ -138,7 +138,8 @@ def check_config(model: Dict[str, Any], own: Size, small: int, max_params: float
     if n > max_params:
         return dict(too_big, params_m=round(n / 1e6, 2))
     errors: List[str] = []
-    for size in _sizes(own, small):
+    sizes = _sizes(own, small)
+    for size in sizes:
         plain_cfg = dict(_at_size(model, size, own), type="ImageClassifier")
         sd_cfg = dict(plain_cfg, type="SelfDistillClassifier")  # the second line
         try:
@@ -165,20 +166,24 @@ def check_config(model: Dict[str, Any], own: Size, small: int, max_params: float
                     raise
                 plain = _plain_like(sd, plain_cfg, "cpu")
                 plain_loss = _plain_loss(plain, inputs, samples)
-            break
         except Exception as e:  # noqa: BLE001 - the next size, or the report
             errors.append(f"at {size[0]}x{size[1]}: {type(e).__name__}: {e}"[:300])
-    else:
-        return dict(status=BROKEN, error=f"plain ImageClassifier {errors[-1]}"[:400], errors=errors)
-    result: Dict[str, Any] = dict(
-        params_m=round(sum(p.numel() for p in plain.parameters()) / 1e6, 2), size=list(size), own_size=list(own)
-    )
-    if errors:
-        result["smaller_sizes_failed"] = errors
-    try:
-        return dict(result, **_compare(sd, plain, inputs, samples, plain_loss, size))
-    except Exception as e:  # noqa: BLE001
-        return dict(result, status=FAIL, error=f"{type(e).__name__}: {e}"[:400])
+            continue
+        result: Dict[str, Any] = dict(
+            params_m=round(sum(p.numel() for p in plain.parameters()) / 1e6, 2), size=list(size), own_size=list(own)
+        )
+        if errors:
+            result["smaller_sizes_failed"] = errors
+        try:
+            result.update(_compare(sd, plain, inputs, samples, plain_loss, size))
+        except Exception as e:  # noqa: BLE001
+            return dict(result, status=FAIL, error=f"{type(e).__name__}: {e}"[:400])
+        if result["status"] == BROKEN and size != sizes[-1]:  # e.g. NaN scores of a deep net on small maps
+            errors.append(f"at {size[0]}x{size[1]}: {result['error']}")
+            del sd, plain
+            continue
+        return result
+    return dict(status=BROKEN, error=f"plain ImageClassifier {errors[-1]}"[:400], errors=errors)
 
 
 def _compare(

@@ -2,18 +2,21 @@
 
 The engine (:mod:`sd_plugin.core.engine`) finds the backbone's main path and
 stages from one probe pass on its own; the adapter only checks user-given
-``stage_modules`` and picks the probe input size.
+``stage_modules``, picks the probe input size and makes sure the backbone
+trains with autograd (:func:`plain_backprop_for_exits`).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Optional, Sequence, Tuple
 
 import torch.nn as nn
+from mmengine.logging import print_log
 
 from sd_plugin.core import get_submodule
 
-__all__ = ["check_stage_modules", "probe_input_shape", "DEFAULT_PROBE_SIZE"]
+__all__ = ["check_stage_modules", "probe_input_shape", "plain_backprop_for_exits", "DEFAULT_PROBE_SIZE"]
 
 #: Probe input size when neither ``probe_size`` nor the backbone's ``img_size`` says otherwise.
 DEFAULT_PROBE_SIZE = 64
@@ -60,3 +63,27 @@ def probe_input_shape(backbone: nn.Module, probe_size: Optional[Sequence[int]]) 
     if min(h, w) < 1:
         raise ValueError(f"probe_size must be positive, got {probe_size!r}.")
     return in_chans, h, w
+
+
+def plain_backprop_for_exits(backbone: nn.Module) -> bool:
+    """Train a reversible backbone with plain backprop, so the exits' losses reach it; True when switched.
+
+    MMPretrain's ``RevVisionTransformer`` trains with reversible backprop by default: its layers run inside one
+    custom ``autograd.Function`` that recomputes activations in the backward pass, so a layer's output carries no
+    gradient and an exit reading it could never train the layers before it. Its ``no_custom_backward=True`` runs the
+    same layers, in the same order and with the same random draws, under autograd: the same forward values and the
+    same gradients, at the cost of keeping the layers' activations (more training memory). Inference is unchanged
+    (both paths are the same in eval mode). Logged as a warning, with how to say so in the config.
+    """
+    if getattr(backbone, "no_custom_backward", None) is not False:
+        return False
+    backbone.no_custom_backward = True
+    print_log(
+        f"{type(backbone).__name__}: training with plain backprop instead of reversible backprop "
+        "(backbone.no_custom_backward=True), because the exits read the outputs of its layers and reversible "
+        "backprop computes them outside autograd. Same values and gradients; training keeps the layers' "
+        "activations (more memory). Set backbone.no_custom_backward=True in the config to silence this warning.",
+        logger="current",
+        level=logging.WARNING,
+    )
+    return True

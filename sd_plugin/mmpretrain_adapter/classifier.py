@@ -17,7 +17,7 @@ from sd_plugin._checks import check_class_labels, check_finite_input
 from sd_plugin.core import ExitPoint, SelfDistillConfig, SelfDistillOutput
 from sd_plugin.core.engine import ExitEngine, ProbeError, find_exit_layout
 
-from ._discovery import check_stage_modules, probe_input_shape
+from ._discovery import check_stage_modules, plain_backprop_for_exits, probe_input_shape
 from ._early_exit_infer import early_exit_logits, exit_scores_requested, parse_early_exit
 from ._head_calls import HeadOutput, deepest_head_loss, given_loss, head_loss, plain_logits, run_head
 from ._heads import HeadProbe, check_head, is_multi_label, plan_exit_heads, probe_head, targets_of
@@ -146,6 +146,7 @@ class SelfDistillClassifier(ImageClassifier):
                 f"early_exit is not available for the multi-label head {type(self.head).__name__}: its confidence "
                 "rules (max softmax probability, entropy) assume one softmax over the classes. Remove early_exit."
             )
+        plain_backprop_for_exits(self.backbone)  # RevViT: its layers' outputs must carry gradients for the exits
         self.eval_exits = bool(eval_exits)
         self._attach_exit_scores = False
         self.distill_loss = SelfDistillLoss(config=self.sd_config)

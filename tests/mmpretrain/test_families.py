@@ -9,6 +9,7 @@ gradient and that inference equals the plain ImageClassifier with the same weigh
 from __future__ import annotations
 
 from typing import Any, Dict
+from unittest import mock
 
 import pytest
 import torch
@@ -173,19 +174,36 @@ def test_exit_placement(case: str, modules: list) -> None:
 
 
 @pytest.mark.slow
-def test_reversible_backbone_refuses_detached_exit_features_and_trains_with_plain_backprop() -> None:
-    """RevViT's reversible backprop runs its layers outside autograd: exits there would never train the backbone."""
-    from mmpretrain.registry import MODELS
-
-    rel, overrides, size = CASES["revvit_small"]
-    sd = MODELS.build(dict(load_model_cfg(rel), type="SelfDistillClassifier")).train()  # the packaged config
+def test_reversible_backbone_trains_its_exits_with_plain_backprop() -> None:
+    """RevViT's reversible backprop runs its layers outside autograd: the packaged config is switched to plain
+    backprop (warned), which gives the plain reversible model's loss and gradients, and the exits reach the backbone."""
+    rel, _, size = CASES["revvit_small"]
+    cfg = load_model_cfg(rel)  # the packaged config: reversible backprop
+    assert not cfg["backbone"].get("no_custom_backward", False)
+    with mock.patch("sd_plugin.mmpretrain_adapter._discovery.print_log") as log:
+        sd, plain = build_pair(cfg)
+    assert sd.backbone.no_custom_backward and not plain.backbone.no_custom_backward
+    (message,), kwargs = log.call_args
+    assert message.startswith("RevVisionTransformer: training with plain backprop") and kwargs["level"] == 30
+    sd.train()
+    plain.train()
     inputs, samples = batch(sd, size)
-    with pytest.raises(ValueError, match=r"carry no gradient.*no_custom_backward=True"):
-        sd(inputs, samples, mode="loss")
-    sd = MODELS.build(dict(load_model_cfg(rel, overrides), type="SelfDistillClassifier")).train()
-    sd(inputs, samples, mode="loss")["exit1_loss_ce"].backward()
+    torch.manual_seed(0)
+    want = plain(inputs, samples, mode="loss")["loss"]
+    torch.manual_seed(0)
+    losses = sd(inputs, samples, mode="loss")
+    assert losses["loss_ce"].item() == want.item()
+    want.backward()
+    losses["loss_ce"].backward(retain_graph=True)
+    for name in ("layers.0.attn.qkv.weight", "layers.5.ffn.layers.0.0.weight", "patch_embed.projection.weight"):
+        got_g = sd.backbone.get_parameter(name).grad
+        want_g = plain.backbone.get_parameter(name).grad
+        torch.testing.assert_close(got_g, want_g, rtol=1e-4, atol=1e-6)  # recomputed vs stored activations
+    sd.zero_grad()
+    losses["exit1_loss_ce"].backward()
     grad = sd.backbone.layers[0].attn.qkv.weight.grad
     assert grad is not None and float(grad.abs().sum()) > 0  # exit 1's loss reaches the first block
+    assert sd.backbone.layers[5].attn.qkv.weight.grad is None  # and nothing after its exit point
 
 
 # Packaged configs as they ship (model dict only, 5 classes), built with the two lines: where the exits land.

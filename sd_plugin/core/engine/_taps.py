@@ -215,8 +215,9 @@ class ExitEngine:
             raise ValueError(
                 f"the features at exit points {detached} carry no gradient although those modules train: the "
                 f"backbone computes them outside autograd (e.g. RevViT's reversible backprop), so the exits' losses "
-                f"would never reach it. Train with plain backprop (RevViT: backbone=dict(no_custom_backward=True)) "
-                f"or name stage_modules whose outputs carry gradients."
+                f"would never reach it. Train that backbone with plain backprop (e.g. RevViT's "
+                f"no_custom_backward=True, which SelfDistillClassifier sets) or name stage_modules whose outputs "
+                f"carry gradients."
             )
 
     @contextlib.contextmanager
