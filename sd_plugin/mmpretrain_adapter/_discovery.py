@@ -77,7 +77,7 @@ def plain_backprop_for_exits(backbone: nn.Module) -> bool:
     """
     if getattr(backbone, "no_custom_backward", None) is not False:
         return False
-    backbone.no_custom_backward = True
+    setattr(backbone, "no_custom_backward", True)  # noqa: B010 - an attribute of that backbone, not of nn.Module
     print_log(
         f"{type(backbone).__name__}: training with plain backprop instead of reversible backprop "
         "(backbone.no_custom_backward=True), because the exits read the outputs of its layers and reversible "
