@@ -56,6 +56,11 @@ COMPONENTS: List[Tuple[str, str, str]] = [
         "Added by `tools/train.py` unless `--no-rng-state-hook`.",
     ),
     ("`MultiExitAccuracy` (MMPretrain metric)", "sd_plugin.mmpretrain_adapter:MultiExitAccuracy", ""),
+    (
+        "`MultiExitAveragePrecision` (MMPretrain metric, multi-label heads)",
+        "sd_plugin.mmpretrain_adapter:MultiExitAveragePrecision",
+        "",
+    ),
 ]
 
 # Parameters documented elsewhere (the shared options) or not user options.

@@ -3,7 +3,8 @@
 Importing it (``import sd_plugin`` does) registers into MMPretrain's registries:
 ``SelfDistillClassifier``, ``SelfDistillExitNeck`` and ``SelfDistillLoss`` (MODELS),
 ``DistillWeightWarmupHook``, ``ProgressiveSelfKDHook`` and ``SaveStrippedCheckpointHook``
-(HOOKS), ``ClassPairSampler`` (DATA_SAMPLERS) and ``MultiExitAccuracy`` (METRICS).
+(HOOKS), ``ClassPairSampler`` (DATA_SAMPLERS), ``MultiExitAccuracy`` and ``MultiExitAveragePrecision``
+(METRICS, the latter for multi-label heads).
 """
 
 from .class_pair_sampler import ClassPairSampler
@@ -11,6 +12,7 @@ from .classifier import EXIT_SCORES, SelfDistillClassifier
 from .distill_loss import SelfDistillLoss
 from .exit_neck import SelfDistillExitNeck
 from .metric import MultiExitAccuracy
+from .multi_label_metric import MultiExitAveragePrecision
 from .pskd_hook import ProgressiveSelfKDHook
 from .save_stripped_checkpoint_hook import SaveStrippedCheckpointHook
 from .warmup_hook import DistillWeightWarmupHook
@@ -21,6 +23,7 @@ __all__ = [
     "SelfDistillExitNeck",
     "SelfDistillLoss",
     "MultiExitAccuracy",
+    "MultiExitAveragePrecision",
     "DistillWeightWarmupHook",
     "ProgressiveSelfKDHook",
     "ClassPairSampler",

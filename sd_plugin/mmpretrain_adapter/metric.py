@@ -63,6 +63,11 @@ class MultiExitAccuracy(BaseMetric):
             scores = sample[EXIT_SCORES]
             if scores.dim() != 2:
                 raise ValueError(f"'{EXIT_SCORES}' must be (num_exits + 1, num_classes), got {tuple(scores.shape)}.")
+            if not torch.allclose(scores.float().sum(dim=1), torch.ones(()), atol=1e-3):
+                raise ValueError(
+                    f"'{EXIT_SCORES}' rows do not sum to 1: these are a multi-label head's per-class sigmoid scores, "
+                    "for which top-k accuracy is not defined. Use dict(type='MultiExitAveragePrecision') instead."
+                )
             self.results.append({"scores": scores.cpu(), "label": sample["gt_label"].cpu().reshape(-1)[:1]})
 
     def compute_metrics(self, results: List[dict]) -> Dict[str, float]:

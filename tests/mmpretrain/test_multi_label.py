@@ -188,3 +188,40 @@ def test_multi_label_labels_out_of_range_are_named() -> None:
     samples = [DataSample().set_gt_label([0, 1]), DataSample().set_gt_label([2, NUM_CLASSES])]
     with pytest.raises(ValueError, match=f"labels must lie in \\[0, {NUM_CLASSES - 1}\\]"):
         sd(inputs, samples, mode="loss")
+
+
+def test_per_exit_map_through_val_step_and_accuracy_refuses_sigmoid_scores() -> None:
+    import gc
+
+    from mmengine.evaluator import Evaluator
+    from mmpretrain.evaluation import AveragePrecision
+    from mmpretrain.structures import DataSample
+
+    from sd_plugin.mmpretrain_adapter import MultiExitAccuracy, MultiExitAveragePrecision
+
+    sd = _pair("csra")[0].eval()
+    g = torch.Generator().manual_seed(3)
+    imgs = [torch.randint(0, 256, (3, 32, 32), generator=g, dtype=torch.uint8) for _ in range(6)]
+    labels = [[0], [1, 2], [3], [4, 0], [2], [1, 3, 4]]
+    data = {"inputs": imgs, "data_samples": [DataSample().set_gt_label(lb) for lb in labels]}
+    ours = Evaluator([AveragePrecision(), MultiExitAveragePrecision()])
+    outputs = sd.val_step(data)
+    assert outputs[0].exit_scores.shape == (sd.num_exits + 1, NUM_CLASSES)
+    ours.process(outputs)
+    metrics = ours.evaluate(len(imgs))
+    assert metrics["multi-exit/deepest_mAP"] == pytest.approx(metrics["multi-label/mAP"], abs=1e-4)
+    x = sd.data_preprocessor(data, False)["inputs"]
+    with torch.no_grad():
+        out = sd._forward_all(x)[1]
+    target = torch.stack([torch.nn.functional.one_hot(torch.tensor(lb), NUM_CLASSES).sum(0) for lb in labels])
+    for k in range(1, sd.num_exits + 1):
+        want = float(AveragePrecision.calculate(out.exit_logits[k - 1].sigmoid(), target))
+        assert metrics[f"multi-exit/exit{k}_mAP"] == pytest.approx(want, abs=1e-3)
+    want = float(AveragePrecision.calculate(out.ensemble_probs(), target))
+    assert metrics["multi-exit/ensemble_mAP"] == pytest.approx(want, abs=1e-3)
+    del ours
+    gc.collect()
+
+    accuracy = Evaluator([MultiExitAccuracy()])
+    with pytest.raises(ValueError, match="MultiExitAveragePrecision"):
+        accuracy.process(sd.val_step(data))
