@@ -129,3 +129,8 @@ def test_placement_problems_are_named() -> None:
     assert "nested" in placement_problem(model("stages.2", "stages.2"), None)
     # the last block of each stage's block list (Twins-SVT's stages.0.1, stages.1.1, ...) is a stage end
     assert placement_problem(model("stages.0.1", "stages.1.1", "stages.2.1"), None) is None
+    # numbered stage lists (CoaT's serial_blocks1..4): the last block of each but the last is a stage end
+    for i in range(1, 5):
+        setattr(backbone, f"serial_blocks{i}", nn.ModuleList(nn.Conv2d(3, 3, 1) for _ in range(2)))
+    assert placement_problem(model("serial_blocks1.1", "serial_blocks2.1", "serial_blocks3.1"), None) is None
+    assert "in 'serial_blocks4'" in placement_problem(model("serial_blocks2.1", "serial_blocks4.1"), None)

@@ -3,14 +3,30 @@
 An exit placement is refused when an exit module is nested in (or the same as) another exit's module, when an
 exit reads the input image itself, or when an exit reads the last element of a backbone container (``stages.3`` of
 a 4-stage net, ``layers.11`` of a 12-block ViT): the deepest classifier's own stage, whose exit would duplicate it.
+The last block of one stage's list is a stage end, not that: a list inside a list of stages (``stages.0.1``) or one of
+numbered lists (``serial_blocks2.1`` beside ``serial_blocks3``).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, List, Optional
 
 import torch
 import torch.nn as nn
+
+
+def _has_next_numbered_sibling(root: nn.Module, name: str) -> bool:
+    """Whether ``name`` ends in a number n and its parent has a module named like it with n + 1."""
+    match = re.fullmatch(r"(.*?)(\d+)", name)
+    if not match:
+        return False
+    head, number = match.groups()
+    try:
+        root.get_submodule(f"{head}{int(number) + 1}")
+    except AttributeError:
+        return False
+    return True
 
 
 def placement_problem(model: Any, x: torch.Tensor) -> Optional[str]:
@@ -27,6 +43,8 @@ def placement_problem(model: Any, x: torch.Tensor) -> Optional[str]:
             continue
         if parent.rpartition(".")[2].isdigit():
             continue  # the last block of one stage's block list (Twins' ``stages.0.1``): a stage end, not the top
+        if _has_next_numbered_sibling(tapped, parent):
+            continue  # one of numbered stage lists (CoaT's ``serial_blocks2`` before ``serial_blocks3``)
         container = tapped.get_submodule(parent) if parent else tapped
         if (
             isinstance(container, (nn.ModuleList, nn.Sequential))
