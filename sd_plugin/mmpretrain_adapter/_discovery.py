@@ -2,21 +2,39 @@
 
 The engine (:mod:`sd_plugin.core.engine`) finds the backbone's main path and
 stages from one probe pass on its own; the adapter only checks user-given
-``stage_modules``, picks the probe input size and makes sure the backbone
-trains with autograd (:func:`plain_backprop_for_exits`).
+``stage_modules``, picks the probe input size, measures the head in the same
+pass (:func:`discover_exits`) and makes sure the backbone trains with autograd
+(:func:`plain_backprop_for_exits`).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
+import torch
 import torch.nn as nn
 from mmengine.logging import print_log
 
-from sd_plugin.core import get_submodule
+from sd_plugin.core import ExitPoint, get_submodule
+from sd_plugin.core.engine import ProbeError, find_exit_layout
 
-__all__ = ["check_stage_modules", "probe_input_shape", "plain_backprop_for_exits", "DEFAULT_PROBE_SIZE"]
+from ._heads import HeadProbe, probe_head
+
+__all__ = [
+    "check_stage_modules",
+    "discover_exits",
+    "probe_input_shape",
+    "plain_backprop_for_exits",
+    "DEFAULT_PROBE_SIZE",
+]
+
+_STAGE_FIX = (
+    "Name its main-path stage modules with SelfDistillClassifier(stage_modules=['layer1', 'layer2', ...]) (each "
+    "one's output feeding the next, the last one feeding the neck/head), or choose exit_indices."
+)
+# Probe sizes tried when the default (small) probe input does not fit the backbone (too small; LeNet: 32 only).
+_FALLBACK_PROBE_SIZES = (224, 32)
 
 #: Probe input size when neither ``probe_size`` nor the backbone's ``img_size`` says otherwise.
 DEFAULT_PROBE_SIZE = 64
@@ -87,3 +105,60 @@ def plain_backprop_for_exits(backbone: nn.Module) -> bool:
         level=logging.WARNING,
     )
     return True
+
+
+def discover_exits(
+    model: Any, stage_modules: Optional[Sequence[str]], probe_size: Optional[Union[int, Sequence[int]]]
+) -> Tuple[List[ExitPoint], int, HeadProbe]:
+    """Place the exits of an ``ImageClassifier``-like ``model`` through the core exit engine.
+
+    One probe pass of its backbone, neck and head (``model.extract_feat`` then ``model.head``) gives the exit
+    points, the number of main-path positions and the head's measured widths (:class:`HeadProbe`). Without
+    ``probe_size``, input sizes the backbone does not take are followed by 224 and 32 px.
+    """
+    names = check_stage_modules(model.backbone, stage_modules)
+    chans, h, w = probe_input_shape(model.backbone, probe_size)  # type: ignore[arg-type]
+    probed: List[HeadProbe] = []
+
+    def run(x: torch.Tensor) -> Any:
+        feats = model.extract_feat(x)
+        try:
+            probed.append(probe_head(model.head, feats))
+        except RuntimeError as e:  # not the input size: the head does not fit the features
+            raise ValueError(_head_mismatch(model.head, feats, e)) from e
+        return feats
+
+    sizes = [(h, w)] if probe_size is not None else [(h, w), *((s, s) for s in _FALLBACK_PROBE_SIZES if s != h)]
+    for i, (ph, pw) in enumerate(sizes):
+        try:
+            layout = find_exit_layout(
+                model.backbone,
+                run,
+                (chans, ph, pw),
+                model.sd_config,
+                owner=model,
+                candidates=names,
+                user_given=names is not None,
+                name=f"backbone {type(model.backbone).__name__}",
+                fix=_STAGE_FIX,
+            )
+            return list(layout.points), layout.num_positions, probed[-1]
+        except ProbeError as e:  # an input size this backbone does not take: try the next one
+            if i == len(sizes) - 1:
+                tried = ", ".join(f"{a}x{b}" for a, b in sizes)
+                raise ValueError(
+                    f"the probe forward pass of {type(model.backbone).__name__} failed at {tried} ({e}); set "
+                    "SelfDistillClassifier(probe_size=...) to an input size this backbone accepts."
+                ) from e
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _head_mismatch(head: Any, feats: Any, error: RuntimeError) -> str:
+    """Message for a head whose ``in_channels`` does not fit the backbone/neck output (seen in the probe pass)."""
+    last = feats[-1] if isinstance(feats, (tuple, list)) and feats else feats
+    shape = tuple(last.shape) if isinstance(last, torch.Tensor) else type(last).__name__
+    width = f" ({last.shape[1]})" if isinstance(last, torch.Tensor) and last.dim() >= 2 else ""
+    return (
+        f"head {type(head).__name__} (in_channels={getattr(head, 'in_channels', '?')}) cannot take the "
+        f"backbone/neck output of shape {shape}: {error}. Set head.in_channels to the feature width{width}."
+    )

@@ -15,12 +15,12 @@ from mmpretrain.structures import DataSample
 
 from sd_plugin._checks import check_class_labels, check_finite_input
 from sd_plugin.core import ExitPoint, SelfDistillConfig, SelfDistillOutput
-from sd_plugin.core.engine import ExitEngine, ProbeError, find_exit_layout
+from sd_plugin.core.engine import ExitEngine
 
-from ._discovery import check_stage_modules, plain_backprop_for_exits, probe_input_shape
+from ._discovery import discover_exits, plain_backprop_for_exits
 from ._early_exit_infer import early_exit_logits, exit_scores_requested, parse_early_exit
 from ._head_calls import HeadOutput, deepest_head_loss, given_loss, head_loss, plain_logits, run_head
-from ._heads import HeadProbe, check_head, is_multi_label, plan_exit_heads, probe_head, targets_of
+from ._heads import check_head, is_multi_label, plan_exit_heads, targets_of
 from ._layer_depth import exit_layer_depth
 from .distill_loss import SelfDistillLoss
 from .exit_neck import SelfDistillExitNeck
@@ -30,15 +30,6 @@ __all__ = ["SelfDistillClassifier", "EXIT_SCORES"]
 #: Field of a validation/test DataSample holding every exit's softmax scores,
 #: a (num_exits + 1, num_classes) tensor, shallowest exit first, deepest last.
 EXIT_SCORES = "exit_scores"
-
-_STAGE_FIX = (
-    "Name its main-path stage modules with SelfDistillClassifier(stage_modules=['layer1', 'layer2', ...]) (each "
-    "one's output feeding the next, the last one feeding the neck/head), or choose exit_indices."
-)
-# Probe sizes tried when the default (small) probe input does not fit the backbone (too small; LeNet: 32 only).
-_FALLBACK_PROBE_SIZES = (224, 32)
-# Two samples, so per-sample outputs can be told from per-patch ones (TNT's inner tokens).
-_PROBE_BATCH = 2
 
 
 @MODELS.register_module()
@@ -150,12 +141,11 @@ class SelfDistillClassifier(ImageClassifier):
         self.eval_exits = bool(eval_exits)
         self._attach_exit_scores = False
         self.distill_loss = SelfDistillLoss(config=self.sd_config)
-        points, self.num_positions = self._discover(stage_modules, probe_size)
+        points, self.num_positions, head_probe = discover_exits(self, stage_modules, probe_size)
         self._exit_points: Tuple[ExitPoint, ...] = tuple(points)
         #: The taps on the backbone's exit points (sd_plugin.core.engine): one per exit, per-thread sessions.
         self.exit_engine = ExitEngine(self.backbone, self._exit_points)
-        plan = plan_exit_heads(self.head, head_cfg, self._head_probe, [p.channels for p in points])  # type: ignore
-        del self._head_probe
+        plan = plan_exit_heads(self.head, head_cfg, head_probe, [p.channels for p in points])  # type: ignore
         #: How the exits classify (see ``_heads``): 'copy' of the head, 'linear' or 'logits'.
         self.exit_head_kind = plan.kind
         self._num_classes = plan.num_classes
@@ -172,50 +162,6 @@ class SelfDistillClassifier(ImageClassifier):
                 f"predict_exit={p} but this model has {self.num_exits} exits (1..{self.num_exits}) and the deepest "
                 f"classifier ({self.num_exits + 1}); choose one of those, 'deepest' or 'ensemble'."
             )
-
-    # ----------------------------------------------------------------- setup
-    def _discover(
-        self, stage_modules: Optional[Sequence[str]], probe_size: Optional[Union[int, Sequence[int]]]
-    ) -> Tuple[List[ExitPoint], int]:
-        """Place the exits through the core exit engine: one probe of the backbone, neck and head."""
-        names = check_stage_modules(self.backbone, stage_modules)
-        chans, h, w = probe_input_shape(self.backbone, probe_size)  # type: ignore[arg-type]
-        self._head_probe: Optional[HeadProbe] = None
-
-        def run(x: torch.Tensor) -> Any:
-            feats = self.extract_feat(x)
-            try:
-                self._head_probe = probe_head(self.head, feats)
-            except RuntimeError as e:  # not the input size: the head does not fit the features
-                raise ValueError(_head_mismatch(self.head, feats, e)) from e
-            return feats
-
-        def place(h: int, w: int) -> Tuple[List[ExitPoint], int]:
-            layout = find_exit_layout(
-                self.backbone,
-                run,
-                (chans, h, w),
-                self.sd_config,
-                owner=self,
-                candidates=names,
-                user_given=names is not None,
-                name=f"backbone {type(self.backbone).__name__}",
-                fix=_STAGE_FIX,
-            )
-            return list(layout.points), layout.num_positions
-
-        sizes = [(h, w)] if probe_size is not None else [(h, w), *((s, s) for s in _FALLBACK_PROBE_SIZES if s != h)]
-        for i, (ph, pw) in enumerate(sizes):
-            try:
-                return place(ph, pw)
-            except ProbeError as e:  # an input size this backbone does not take: try the next one
-                if i == len(sizes) - 1:
-                    tried = ", ".join(f"{a}x{b}" for a, b in sizes)
-                    raise ValueError(
-                        f"the probe forward pass of {type(self.backbone).__name__} failed at {tried} ({e}); set "
-                        "SelfDistillClassifier(probe_size=...) to an input size this backbone accepts."
-                    ) from e
-        raise AssertionError("unreachable")  # pragma: no cover
 
     # ------------------------------------------------------ MultiExitModel
     @property
@@ -400,17 +346,6 @@ def _sample_indices(data_samples: List[DataSample]) -> torch.Tensor:
             "(it is there by default)."
         )
     return torch.tensor([int(ds.sample_idx) for ds in data_samples], dtype=torch.long)
-
-
-def _head_mismatch(head: Any, feats: Any, error: RuntimeError) -> str:
-    """Message for a head whose ``in_channels`` does not fit the backbone/neck output (seen in the probe pass)."""
-    last = feats[-1] if isinstance(feats, (tuple, list)) and feats else feats
-    shape = tuple(last.shape) if isinstance(last, torch.Tensor) else type(last).__name__
-    width = f" ({last.shape[1]})" if isinstance(last, torch.Tensor) and last.dim() >= 2 else ""
-    return (
-        f"head {type(head).__name__} (in_channels={getattr(head, 'in_channels', '?')}) cannot take the "
-        f"backbone/neck output of shape {shape}: {error}. Set head.in_channels to the feature width{width}."
-    )
 
 
 def _log_fresh_exits(module: nn.Module, incompatible: Any) -> None:
