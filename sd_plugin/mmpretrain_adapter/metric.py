@@ -12,7 +12,21 @@ from mmpretrain.registry import METRICS
 from ._early_exit_infer import request_exit_scores
 from .classifier import EXIT_SCORES
 
-__all__ = ["MultiExitAccuracy"]
+__all__ = ["MultiExitAccuracy", "exit_scores_of"]
+
+
+def exit_scores_of(sample: Any, metric: str) -> torch.Tensor:
+    """The (num_exits + 1, num_classes) ``exit_scores`` of one prediction, for the metric named ``metric``."""
+    if EXIT_SCORES not in sample:
+        raise KeyError(
+            f"{metric} needs '{EXIT_SCORES}' in the predictions: use it with "
+            "model=dict(type='SelfDistillClassifier') and eval_exits=True (the default)."
+        )
+    scores = sample[EXIT_SCORES]
+    if not isinstance(scores, torch.Tensor) or scores.dim() != 2:
+        shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+        raise ValueError(f"'{EXIT_SCORES}' must be (num_exits + 1, num_classes), got {shape}.")
+    return scores
 
 
 @METRICS.register_module()
@@ -55,14 +69,7 @@ class MultiExitAccuracy(BaseMetric):
     def process(self, data_batch: Any, data_samples: Sequence[dict]) -> None:
         """Keep every sample's per-exit scores and label."""
         for sample in data_samples:
-            if EXIT_SCORES not in sample:
-                raise KeyError(
-                    f"MultiExitAccuracy needs '{EXIT_SCORES}' in the predictions: use it with "
-                    "model=dict(type='SelfDistillClassifier') and eval_exits=True (the default)."
-                )
-            scores = sample[EXIT_SCORES]
-            if scores.dim() != 2:
-                raise ValueError(f"'{EXIT_SCORES}' must be (num_exits + 1, num_classes), got {tuple(scores.shape)}.")
+            scores = exit_scores_of(sample, type(self).__name__)
             if not torch.allclose(scores.float().sum(dim=1), torch.ones(()), atol=1e-3):
                 raise ValueError(
                     f"'{EXIT_SCORES}' rows do not sum to 1: these are a multi-label head's per-class sigmoid scores, "

@@ -11,7 +11,7 @@ from mmpretrain.registry import METRICS
 from mmpretrain.structures import label_to_onehot
 
 from ._early_exit_infer import request_exit_scores
-from .classifier import EXIT_SCORES
+from .metric import exit_scores_of
 
 __all__ = ["MultiExitAveragePrecision"]
 
@@ -47,14 +47,7 @@ class MultiExitAveragePrecision(BaseMetric):
     def process(self, data_batch: Any, data_samples: Sequence[dict]) -> None:
         """Keep every sample's per-exit scores and its multi-hot target."""
         for sample in data_samples:
-            if EXIT_SCORES not in sample:
-                raise KeyError(
-                    f"MultiExitAveragePrecision needs '{EXIT_SCORES}' in the predictions: use it with "
-                    "model=dict(type='SelfDistillClassifier') and eval_exits=True (the default)."
-                )
-            scores = sample[EXIT_SCORES]
-            if scores.dim() != 2:
-                raise ValueError(f"'{EXIT_SCORES}' must be (num_exits + 1, num_classes), got {tuple(scores.shape)}.")
+            scores = exit_scores_of(sample, type(self).__name__)
             if "gt_score" in sample:
                 target = sample["gt_score"].float()
             else:

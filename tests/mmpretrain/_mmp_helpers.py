@@ -78,3 +78,25 @@ def exit_param_grads(sd: torch.nn.Module) -> Dict[str, float]:
             if p.requires_grad:
                 out[f"{prefix}.{name}"] = -1.0 if p.grad is None else float(p.grad.abs().sum())
     return out
+
+
+def backward_reaches_every_exit(sd: torch.nn.Module, losses: Dict[str, torch.Tensor]) -> None:
+    """Backward the sum of ``losses``: finite, and every exit parameter gets a finite non-zero gradient."""
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    total.backward()  # type: ignore[union-attr]
+    grads = exit_param_grads(sd)
+    assert grads and all(0 < g < float("inf") for g in grads.values()), {k: g for k, g in grads.items() if g <= 0}
+
+
+def predict_like_plain(sd: torch.nn.Module, plain: torch.nn.Module, inputs: torch.Tensor) -> None:
+    """After copying sd's weights into plain: ``predict`` gives the same scores and labels, exactly."""
+    sd.eval()
+    plain.eval()
+    plain.load_state_dict({k: v for k, v in sd.state_dict().items() if not k.startswith("exit_")}, strict=True)
+    with torch.no_grad():
+        want = plain(inputs, mode="predict")
+        got = sd(inputs, mode="predict")
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.pred_score, b.pred_score, rtol=0, atol=0)
+        assert torch.equal(a.pred_label, b.pred_label)

@@ -16,7 +16,15 @@ from typing import Any, Dict, Iterator, List, Tuple
 
 import pytest
 import torch
-from _mmp_helpers import NUM_CLASSES, batch, build_pair, exit_param_grads, load_model_cfg, packaged
+from _mmp_helpers import (
+    NUM_CLASSES,
+    backward_reaches_every_exit,
+    batch,
+    build_pair,
+    load_model_cfg,
+    packaged,
+    predict_like_plain,
+)
 
 from sd_plugin.core import SelfDistillConfig, kd_kl_div
 
@@ -191,21 +199,9 @@ def test_previously_unsupported_head_trains(case: str) -> None:
     losses = _check_deepest_is_plain(sd, plain, size)
     expected = {"loss_ce"} | {f"exit{k}_loss_{t}" for k in range(1, sd.num_exits + 1) for t in ("ce", "kd", "hint")}
     assert set(losses) == expected
-    total = sum(losses.values())
-    assert torch.isfinite(total)
-    total.backward()
-    grads = exit_param_grads(sd)
-    assert grads and all(0 < g < float("inf") for g in grads.values()), {k: g for k, g in grads.items() if g <= 0}
+    backward_reaches_every_exit(sd, losses)
     # Inference is the plain model's.
-    sd.eval()
-    plain.eval()
-    plain.load_state_dict({k: v for k, v in sd.state_dict().items() if not k.startswith("exit_")}, strict=True)
-    inputs, _ = _batch(sd, size, n=2)
-    with torch.no_grad():
-        want = plain(inputs, mode="predict")
-        got = sd(inputs, mode="predict")
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a.pred_score, b.pred_score)
+    predict_like_plain(sd, plain, _batch(sd, size, n=2)[0])
 
 
 @pytest.mark.parametrize("subcenters", [1, 3])

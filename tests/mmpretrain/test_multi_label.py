@@ -14,7 +14,14 @@ from typing import Any, Dict, Iterator, List, Tuple
 
 import pytest
 import torch
-from _mmp_helpers import NUM_CLASSES, build_pair, exit_param_grads, load_model_cfg, packaged
+from _mmp_helpers import (
+    NUM_CLASSES,
+    backward_reaches_every_exit,
+    build_pair,
+    load_model_cfg,
+    packaged,
+    predict_like_plain,
+)
 
 from sd_plugin.core import SelfDistillConfig, kd_binary_kl, kd_kl_div
 
@@ -121,23 +128,9 @@ def test_multi_label_head_keeps_its_loss_and_exits_train(case: str) -> None:
         softmax_kd = cfg.kd_weight * kd_kl_div(student, teacher, cfg.temperature)
         assert abs(softmax_kd.item() - binary.item()) > 1e-4
 
-    total = sum(got.values())
-    assert torch.isfinite(total)
-    total.backward()
-    grads = exit_param_grads(sd)
-    assert grads and all(0 < g < float("inf") for g in grads.values()), {k: g for k, g in grads.items() if g <= 0}
-
+    backward_reaches_every_exit(sd, got)
     # Inference is the plain model's: sigmoid scores, labels over the head's threshold.
-    sd.eval()
-    plain.eval()
-    plain.load_state_dict({k: v for k, v in sd.state_dict().items() if not k.startswith("exit_")}, strict=True)
-    inputs, _ = _batch(sd, size, n=2, seed=1)
-    with torch.no_grad():
-        want_p = plain(inputs, mode="predict")
-        got_p = sd(inputs, mode="predict")
-    for a, b in zip(got_p, want_p):
-        torch.testing.assert_close(a.pred_score, b.pred_score, rtol=0, atol=0)
-        assert torch.equal(a.pred_label, b.pred_label)
+    predict_like_plain(sd, plain, _batch(sd, size, n=2, seed=1)[0])
 
 
 def test_predict_exit_uses_the_heads_sigmoid_and_threshold() -> None:
