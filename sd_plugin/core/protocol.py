@@ -26,6 +26,9 @@ class MultiExitModel(Protocol):
     :meth:`forward_deepest` yields the feature that exit ``k`` (0-based,
     shallowest first) reads, and a forward hook there may return a smaller
     batch (the samples that go on) or raise :class:`~sd_plugin.core.StopForward`.
+
+    Optional: a ``multi_label`` attribute, True for a classifier with a sigmoid
+    per class (early exit and calibration then refuse it; absent means False).
     """
 
     @property

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from ._numbering import exit_names
-from .early_exit import as_multi_exit, forward_with_features
+from .early_exit import as_multi_exit, forward_with_features, single_label
 from .policy import ExitPolicy, confidence_scores, exit_decisions
 
 __all__ = ["ExitLogits", "collect_exit_logits", "evaluate_policy", "calibrate"]
@@ -74,7 +74,7 @@ def collect_exit_logits(model: nn.Module, batches: Iterable[Tuple[torch.Tensor, 
         model: A :class:`~sd_plugin.core.MultiExitModel`, put in eval mode by the caller.
         batches: Iterable of (images (N, 3, H, W), labels (N,)), e.g. a DataLoader.
     """
-    mx = as_multi_exit(model)
+    mx = single_label(as_multi_exit(model), "exit calibration")
     logits: List[torch.Tensor] = []
     targets: List[torch.Tensor] = []
     for images, labels in batches:

@@ -28,10 +28,22 @@ __all__ = [
     "EarlyExitModel",
     "EarlyExitOutput",
     "as_multi_exit",
+    "single_label",
     "early_exit_forward",
     "forward_with_features",
     "intercepting",
 ]
+
+
+def single_label(model: MultiExitModel, what: str) -> MultiExitModel:
+    """``model`` unless it is multi-label (``multi_label`` True: a sigmoid per class), for which ``what`` (built on
+    one softmax over the classes: its confidence and top-1 accuracy) is not defined: then a ValueError."""
+    if getattr(model, "multi_label", False):
+        raise ValueError(
+            f"{what} is not available for a multi-label model (a sigmoid per class): its confidence rules and "
+            "accuracy assume one softmax over the classes. Truncation (sd_plugin.deploy.truncate) and export work."
+        )
+    return model
 
 
 def as_multi_exit(model: Any) -> MultiExitModel:
@@ -196,7 +208,7 @@ def early_exit_forward(
             (``ExitPolicy.bounds()``; ``inf``: the exit is never computed).
         criterion: 'max_prob' or 'entropy'.
     """
-    mx = as_multi_exit(model)
+    mx = single_label(as_multi_exit(model), "early exit")
     if len(bounds) != mx.num_exits:
         raise ValueError(f"got {len(bounds)} bounds for a model with {mx.num_exits} exits.")
     run = _Run(mx, inputs, bounds, criterion)
@@ -251,7 +263,7 @@ class EarlyExitModel(nn.Module):
         criterion: Optional[str] = None,
     ) -> None:
         super().__init__()
-        as_multi_exit(model)
+        single_label(as_multi_exit(model), "early exit")
         self.model = model
         policy = self._to_policy(thresholds, criterion)
         self.criterion = policy.criterion

@@ -218,3 +218,17 @@ def test_per_exit_map_through_val_step_and_accuracy_refuses_sigmoid_scores() -> 
     accuracy = Evaluator([MultiExitAccuracy()])
     with pytest.raises(ValueError, match="MultiExitAveragePrecision"):
         accuracy.process(sd.val_step(data))
+
+
+def test_early_exit_and_calibration_refuse_a_multi_label_model_but_truncation_works() -> None:
+    from sd_plugin.deploy import EarlyExitModel, collect_exit_logits, truncate
+
+    sd = _pair("csra")[0].eval()
+    with pytest.raises(ValueError, match="early exit is not available for a multi-label model"):
+        EarlyExitModel(sd, [0.9] * sd.num_exits)
+    x = _batch(sd, 32, n=2)[0]
+    with pytest.raises(ValueError, match="exit calibration is not available for a multi-label model"):
+        collect_exit_logits(sd, [(x, torch.zeros(2, dtype=torch.long))])
+    with torch.no_grad():
+        want = sd.forward_exit(0, sd.exit_engine.run_to(0, lambda: sd.backbone(x)))
+        torch.testing.assert_close(truncate(sd, exit=1, example_input=x)(x), want)
