@@ -65,6 +65,11 @@ class SelfDistillClassifier(ImageClassifier):
     reads them (:class:`MultiExitAccuracy`); with MMPretrain's ``Accuracy``, the
     ``ImageClassificationInferencer`` and ``predict`` no exit runs.
 
+    Multi-label heads (``MultiLabelClsHead``, ``MultiLabelLinearClsHead``, ``CSRAClsHead``) work the same way,
+    with a binary KL per class as the KD term and the head's sigmoid and threshold for exit predictions
+    (per-exit mAP: :class:`MultiExitAveragePrecision`). A RevViT backbone is switched to plain backprop
+    (logged), so the exits' losses reach its layers.
+
     Args:
         backbone, neck, head, pretrained, train_cfg, data_preprocessor, init_cfg:
             As for ``ImageClassifier``.
@@ -240,7 +245,7 @@ class SelfDistillClassifier(ImageClassifier):
         ``pre_logits`` from those same calls.
         """
         check_finite_input(inputs)
-        if self.multi_label and "gt_score" not in data_samples[0]:
+        if self.multi_label and data_samples and "gt_score" not in data_samples[0]:
             check_class_labels(torch.cat([ds.gt_label for ds in data_samples]), self._num_classes)
         target = targets_of(data_samples, self._num_classes, self.multi_label)
         check_class_labels(target, self._num_classes)
