@@ -7,6 +7,7 @@ import time
 from typing import Any, Dict
 
 import pytest
+import torch
 
 from tools._coverage_run import BROKEN, FAIL, OK, SLOW, markdown_table, run_checks, summarize
 
@@ -134,3 +135,49 @@ def test_placement_problems_are_named() -> None:
         setattr(backbone, f"serial_blocks{i}", nn.ModuleList(nn.Conv2d(3, 3, 1) for _ in range(2)))
     assert placement_problem(model("serial_blocks1.1", "serial_blocks2.1", "serial_blocks3.1"), None) is None
     assert "in 'serial_blocks4'" in placement_problem(model("serial_blocks2.1", "serial_blocks4.1"), None)
+
+
+class _StagesThenHead(torch.nn.Module):
+    """Three strided stages in a list, then a head convolution (strided or not) inside ``forward_features``."""
+
+    def __init__(self, head_stride: int) -> None:
+        super().__init__()
+        conv = torch.nn.Conv2d
+        self.stages = torch.nn.ModuleList([conv(3, 8, 3, 2, 1), conv(8, 8, 3, 2, 1), conv(8, 8, 3, 2, 1)])
+        self.head = conv(8, 8, 3, head_stride, 1)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        for stage in self.stages:
+            x = stage(x)
+        return self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(x).mean(dim=(2, 3))
+
+
+class _WithExits:
+    """The least of a MultiExitModel the placement check reads: exits after stages 1 and 2 (the list's last)."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        from sd_plugin.core import ExitPoint
+        from sd_plugin.core.engine import ExitEngine
+
+        self.net = net
+        self.exit_points = [ExitPoint("stages.1", "NCHW", 8, stride=2), ExitPoint("stages.2", "NCHW", 8, stride=1)]
+        self.exit_engine = ExitEngine(net, self.exit_points)
+
+    def tapped_module(self) -> torch.nn.Module:
+        return self.net
+
+    def forward_deepest(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def test_last_block_before_more_downsampling_is_a_stage_end() -> None:
+    """A container's last block is the deepest stage only when nothing downsamples after it (SelecSLS: head convs)."""
+    from tools._coverage_placement import placement_problem
+
+    x = torch.randn(2, 3, 64, 64)
+    assert placement_problem(_WithExits(_StagesThenHead(head_stride=2)), x) is None
+    flagged = placement_problem(_WithExits(_StagesThenHead(head_stride=1)), x)
+    assert flagged == "exit at 'stages.2', the last of the 3 modules in 'stages'"

@@ -29,6 +29,35 @@ def _has_next_numbered_sibling(root: nn.Module, name: str) -> bool:
     return True
 
 
+def _last_tensor(value: Any) -> Optional[torch.Tensor]:
+    while isinstance(value, (tuple, list)) and value:
+        value = value[-1]
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _deeper_after(model: Any, name: str, x: Optional[torch.Tensor]) -> bool:
+    """Whether the model's final features (``forward_features``, else the tapped module's output) are at another
+    resolution than the exit's feature at ``name``: more downsampling runs after the container (SelecSLS's ``head``
+    convolutions after ``features``), so its last element is not the deepest stage. False when it cannot tell."""
+    if x is None:
+        return False
+    tapped: nn.Module = model.tapped_module()
+    point = next(p for p in model.exit_points if str(p.module) == name)
+    k = list(model.exit_points).index(point)
+    getattr(model.exit_engine, "ensure_installed", lambda: None)()
+    with torch.no_grad():
+        feature = model.exit_engine.run_to(k, lambda: model.forward_deepest(x))
+        run = getattr(tapped, "forward_features", None) or tapped
+        final = _last_tensor(run(x))
+    if final is None or final.dim() < 3 or not isinstance(feature, torch.Tensor) or feature.dim() < 3:
+        return False
+    fmt = str(getattr(point, "fmt", ""))
+    exit_hw = tuple(feature.shape[1:3]) if fmt == "NHWC" else tuple(feature.shape[2:]) if fmt == "NCHW" else None
+    if exit_hw is None or final.dim() != 4:
+        return False
+    return exit_hw not in (tuple(final.shape[2:]), tuple(final.shape[1:3]))
+
+
 def placement_problem(model: Any, x: torch.Tensor) -> Optional[str]:
     """Why the exits of ``model`` (a ``MultiExitModel`` in eval mode) are misplaced, or None; ``x`` is an input."""
     tapped: nn.Module = model.tapped_module()
@@ -50,6 +79,7 @@ def placement_problem(model: Any, x: torch.Tensor) -> Optional[str]:
             isinstance(container, (nn.ModuleList, nn.Sequential))
             and int(index) == len(container) - 1
             and len(container) > 1
+            and not _deeper_after(model, name, x)
         ):
             return f"exit at {name!r}, the last of the {len(container)} modules in {parent or 'the model'!r}"
     engine = getattr(model, "exit_engine", None)

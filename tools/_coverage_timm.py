@@ -90,6 +90,8 @@ def build(name: str, img_size: int) -> Tuple[nn.Module, Size, torch.Tensor]:
         except Exception as e:  # noqa: BLE001 - the next attempt or the report takes it
             last = e
             continue
+        if getattr(model, "num_classes", 10) == 0:  # an encoder-only model: timm ignores num_classes
+            raise RuntimeError("timm builds it without a classifier (num_classes=10 gives 0): not an image classifier")
         own = own_input_size(model)
         conv_c = own_input_size(model, first_conv_channels=True)[0]  # a model whose data config lacks its channels
         small = [(c, img_size, img_size) for c in dict.fromkeys((own[0], conv_c))]
