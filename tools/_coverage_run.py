@@ -128,7 +128,7 @@ def markdown_table(summary: Dict[str, Any], family_header: str) -> str:
     ]
 
     def row(name: str, c: Dict[str, Any]) -> str:
-        pct = f"{100 * c['fraction_ok']:.1f}" if c["fraction_ok"] is not None else "-"
+        pct = f"{100 * c.get(OK, 0) / c['total']:.1f}" if c["total"] else "-"  # from the counts: no double rounding
         return f"| {name} | " + " | ".join(str(c.get(s, 0)) for s in STATUSES) + f" | {c['total']} | {pct} |"
 
     lines += [row(f, c) for f, c in summary["families"].items()]

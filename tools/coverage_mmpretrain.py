@@ -93,7 +93,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print("\n" + markdown_table(summary, "family (config folder)"))
     o = summary["overall"]
     print(
-        f"overall: {o.get(OK, 0)} of {o['total']} configs ok ({100 * (o['fraction_ok'] or 0):.1f}%). "
+        f"overall: {o.get(OK, 0)} of {o['total']} configs ok ({100 * o.get(OK, 0) / max(o['total'], 1):.1f}%). "
         f"Results: {args.output}"
     )
     return 0

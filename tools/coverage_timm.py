@@ -80,7 +80,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print("\n" + markdown_table(summary, "timm module"))
     o = summary["overall"]
     print(
-        f"overall: {o.get(OK, 0)} of {o['total']} architectures ok ({100 * (o['fraction_ok'] or 0):.1f}%), "
+        f"overall: {o.get(OK, 0)} of {o['total']} architectures ok ({100 * o.get(OK, 0) / max(o['total'], 1):.1f}%), "
         f"timm {timm.__version__}. Results: {args.output}"
     )
     return 0
