@@ -60,15 +60,11 @@ def _smallness(name: str) -> Tuple[int, int, str]:
     return rank, len(name), name
 
 
-def own_input_size(model: nn.Module, first_conv_channels: bool = False) -> Size:
-    """(C, H, W) the model was built for: ``patch_embed.img_size`` / ``img_size``, else timm's data config.
-    Channels from the data config, or (``first_conv_channels``) from the first convolution."""
+def own_input_size(model: nn.Module) -> Size:
+    """(C, H, W) the model was built for: ``patch_embed.img_size`` / ``img_size``, else timm's data config."""
     from timm.data import resolve_model_data_config
 
     c, h, w = (int(v) for v in resolve_model_data_config(model)["input_size"])
-    first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    if first_conv_channels and first_conv is not None:
-        c = int(first_conv.in_channels)
     for owner in (getattr(model, "patch_embed", None), model):
         size = getattr(owner, "img_size", None) if owner is not None else None
         if isinstance(size, int):
@@ -93,7 +89,8 @@ def build(name: str, img_size: int) -> Tuple[nn.Module, Size, torch.Tensor]:
         if getattr(model, "num_classes", 10) == 0:  # an encoder-only model: timm ignores num_classes
             raise RuntimeError("timm builds it without a classifier (num_classes=10 gives 0): not an image classifier")
         own = own_input_size(model)
-        conv_c = own_input_size(model, first_conv_channels=True)[0]  # a model whose data config lacks its channels
+        first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+        conv_c = int(first_conv.in_channels) if first_conv is not None else own[0]  # when the data config is wrong
         small = [(c, img_size, img_size) for c in dict.fromkeys((own[0], conv_c))]
         for size in (*small, own, (conv_c, *own[1:])):
             x = torch.randn(2, *size, generator=torch.Generator().manual_seed(1))

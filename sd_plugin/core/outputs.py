@@ -56,5 +56,7 @@ class SelfDistillOutput:
         return self.probs(torch.stack([lg.float() for lg in self.all_logits()]).mean(dim=0))
 
     def ensemble_logits(self) -> torch.Tensor:
-        """Logits whose probabilities (:meth:`probs`) are :meth:`ensemble_probs`: the mean logits, in float32."""
-        return torch.stack([lg.float() for lg in self.all_logits()]).mean(dim=0)
+        """Float32 logits whose probabilities (:meth:`probs`) are :meth:`ensemble_probs`: the log of the ensemble's
+        softmax (clamped, no -inf), or for a multi-label output the mean logits themselves."""
+        mean = torch.stack([lg.float() for lg in self.all_logits()]).mean(dim=0)
+        return mean if self.multi_label else mean.softmax(dim=1).clamp_min(1e-12).log()

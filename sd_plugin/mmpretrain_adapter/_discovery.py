@@ -89,9 +89,10 @@ def plain_backprop_for_exits(backbone: nn.Module) -> bool:
     MMPretrain's ``RevVisionTransformer`` trains with reversible backprop by default: its layers run inside one
     custom ``autograd.Function`` that recomputes activations in the backward pass, so a layer's output carries no
     gradient and an exit reading it could never train the layers before it. Its ``no_custom_backward=True`` runs the
-    same layers, in the same order and with the same random draws, under autograd: the same forward values and the
-    same gradients, at the cost of keeping the layers' activations (more training memory). Inference is unchanged
-    (both paths are the same in eval mode). Logged as a warning, with how to say so in the config.
+    same layers, in the same order and with the same random draws, under autograd: the same forward values, and
+    gradients equal up to float rounding (stored rather than recomputed activations), at the cost of keeping the
+    layers' activations (more training memory). Inference is unchanged (both paths are the same in eval mode).
+    Logged as a warning, with how to say so in the config.
     """
     if getattr(backbone, "no_custom_backward", None) is not False:
         return False
@@ -99,8 +100,9 @@ def plain_backprop_for_exits(backbone: nn.Module) -> bool:
     print_log(
         f"{type(backbone).__name__}: training with plain backprop instead of reversible backprop "
         "(backbone.no_custom_backward=True), because the exits read the outputs of its layers and reversible "
-        "backprop computes them outside autograd. Same values and gradients; training keeps the layers' "
-        "activations (more memory). Set backbone.no_custom_backward=True in the config to silence this warning.",
+        "backprop computes them outside autograd. Same values, and gradients equal up to float rounding; "
+        "training keeps the layers' activations (more memory). Set backbone.no_custom_backward=True in the config "
+        "to silence this warning.",
         logger="current",
         level=logging.WARNING,
     )

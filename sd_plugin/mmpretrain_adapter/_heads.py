@@ -49,6 +49,8 @@ from mmpretrain.models.heads import ClsHead, LinearClsHead, MultiLabelClsHead, M
 from mmpretrain.registry import MODELS
 from mmpretrain.structures import DataSample, label_to_onehot
 
+from sd_plugin._checks import check_class_labels
+
 from ._head_calls import run_head
 
 __all__ = [
@@ -115,8 +117,10 @@ def probe_head(head: nn.Module, feats: Any) -> HeadProbe:
     return HeadProbe(int(logits.shape[1]), int(features.shape[1]), input_width, has_classifier=logits is not last)
 
 
-class _LogitsExitHead(LinearClsHead):
-    """Exit classifier for a head without its own classifier: a Linear to the logits, also its hint features."""
+class _LinearToLogits:
+    """For a head without its own classifier: the exit's Linear gives the logits, which are also its hint features."""
+
+    fc: nn.Linear
 
     def pre_logits(self, feats: Any) -> torch.Tensor:
         return self.fc(feats[-1])
@@ -125,14 +129,12 @@ class _LogitsExitHead(LinearClsHead):
         return self.pre_logits(feats)
 
 
-class _MultiLabelLogitsExitHead(MultiLabelLinearClsHead):
-    """:class:`_LogitsExitHead` for a multi-label head (sigmoid per class)."""
+class _LogitsExitHead(_LinearToLogits, LinearClsHead):
+    """Exit classifier of a single-label head without its own classifier (``ClsHead``)."""
 
-    def pre_logits(self, feats: Any) -> torch.Tensor:
-        return self.fc(feats[-1])
 
-    def forward(self, feats: Any) -> torch.Tensor:
-        return self.pre_logits(feats)
+class _MultiLabelLogitsExitHead(_LinearToLogits, MultiLabelLinearClsHead):
+    """Exit classifier of a multi-label head without its own classifier (``MultiLabelClsHead``)."""
 
 
 @dataclass
@@ -221,5 +223,6 @@ def targets_of(data_samples: List[DataSample], num_classes: int, multi_label: bo
     if "gt_score" in data_samples[0]:
         return torch.stack([ds.gt_score for ds in data_samples])
     if multi_label:
+        check_class_labels(torch.cat([ds.gt_label for ds in data_samples]), num_classes)  # before one-hot encoding
         return torch.stack([label_to_onehot(ds.gt_label, num_classes) for ds in data_samples]).float()
     return torch.cat([ds.gt_label for ds in data_samples])

@@ -137,11 +137,10 @@ class SelfDistillClassifier(ImageClassifier):
         check_head(self.head, head_cfg)
         #: A multi-label head (MultiLabelClsHead family): a sigmoid per class, distilled with a binary KL per class.
         self.multi_label = is_multi_label(self.head)
-        if self.multi_label and early_exit is not None:
-            raise ValueError(
-                f"early_exit is not available for the multi-label head {type(self.head).__name__}: its confidence "
-                "rules (max softmax probability, entropy) assume one softmax over the classes. Remove early_exit."
-            )
+        if early_exit is not None:
+            from sd_plugin.deploy.early_exit import single_label
+
+            single_label(self, "early_exit")  # fail at build time, not at the first prediction
         plain_backprop_for_exits(self.backbone)  # RevViT: its layers' outputs must carry gradients for the exits
         self.eval_exits = bool(eval_exits)
         self._attach_exit_scores = False
@@ -245,8 +244,6 @@ class SelfDistillClassifier(ImageClassifier):
         ``pre_logits`` from those same calls.
         """
         check_finite_input(inputs)
-        if self.multi_label and data_samples and "gt_score" not in data_samples[0]:
-            check_class_labels(torch.cat([ds.gt_label for ds in data_samples]), self._num_classes)
         target = targets_of(data_samples, self._num_classes, self.multi_label)
         check_class_labels(target, self._num_classes)
         feats, tapped = self._tapped_forward(inputs)
@@ -277,7 +274,7 @@ class SelfDistillClassifier(ImageClassifier):
         if isinstance(p, int) and p <= self.num_exits:
             return self._exit_only(inputs, p - 1)
         if p == "ensemble":
-            return _ensemble_logits(self._forward_all(inputs)[1])
+            return self._forward_all(inputs)[1].ensemble_logits()
         return None
 
     def forward(
@@ -306,7 +303,7 @@ class SelfDistillClassifier(ImageClassifier):
         feats, out = self._forward_all(inputs)
         p = self.sd_config.predict_exit
         if p == "ensemble":
-            samples = self._to_samples(_ensemble_logits(out), data_samples)
+            samples = self._to_samples(out.ensemble_logits(), data_samples)
         elif isinstance(p, int) and p <= self.num_exits:
             samples = self._to_samples(out.exit_logits[p - 1], data_samples)
         else:
@@ -364,13 +361,6 @@ def _log_fresh_exits(module: nn.Module, incompatible: Any) -> None:
             logger="current",
             level=logging.WARNING,
         )
-
-
-def _ensemble_logits(out: SelfDistillOutput) -> torch.Tensor:
-    """Logits of the ensemble whose softmax (sigmoid per class when multi-label) is ``out.ensemble_probs()``."""
-    if out.multi_label:
-        return out.ensemble_logits()
-    return out.ensemble_probs().clamp_min(1e-12).log()  # no -inf, as timm
 
 
 @contextlib.contextmanager

@@ -200,7 +200,7 @@ class SelfDistillModel(TimmApiMixin, nn.Module):
             return self.model(x)
         out = self.forward_train(x)
         if predict == "ensemble":
-            return out.ensemble_probs().clamp_min(1e-12).log()
+            return out.ensemble_logits()
         return out.all_logits()[int(predict) - 1]
 
     # weights ------------------------------------------------------------------------------------------------------

@@ -165,7 +165,7 @@ def test_softmax_methods_and_early_exit_are_refused_for_multi_label_heads() -> N
     from mmpretrain.registry import MODELS
 
     cfg = _model_cfg("linear_mixup")
-    with pytest.raises(ValueError, match="early_exit is not available for the multi-label head"):
+    with pytest.raises(ValueError, match="early_exit is not available for a multi-label model"):
         MODELS.build(dict(cfg, type="SelfDistillClassifier", early_exit=dict(thresholds=[0.9, 0.9, 0.9])))
     sd = MODELS.build(dict(cfg, type="SelfDistillClassifier", tfkd_weight=0.5)).train()
     inputs, samples = _batch(sd, 32)
