@@ -27,6 +27,7 @@ import collections
 import contextlib
 import functools
 import os
+import pickle
 import threading
 from typing import Any, Callable, Iterator, List, Union
 
@@ -38,6 +39,7 @@ __all__ = [
     "install_scoped_mmengine_loader",
     "mmengine_checkpoint_globals",
     "load_checkpoint_file",
+    "refuse_unsafe_checkpoint",
 ]
 
 _LOCK = threading.RLock()
@@ -131,21 +133,51 @@ def mmengine_safe_globals() -> Iterator[None]:
                 _ADDED.clear()
 
 
-def load_checkpoint_file(path: Union[str, os.PathLike[str]], option: str = "checkpoint") -> Any:
-    """``torch.load(path, map_location='cpu', weights_only=True)`` that also reads mmengine checkpoints.
+def load_checkpoint_file(
+    path: Union[str, os.PathLike[str]], option: str = "checkpoint", mmengine_objects: bool = True
+) -> Any:
+    """``torch.load(path, map_location='cpu', weights_only=True)``, with errors that name the file.
 
-    mmengine's objects are allowed for this load only; a damaged file raises a
-    ValueError naming it and the newest intact checkpoint next to it.
+    Args:
+        path: The checkpoint file.
+        option: How the user gave it (e.g. ``'--resume'``), for the messages.
+        mmengine_objects: Also accept mmengine's checkpoint objects (message hub, numpy scalars), for this load
+            only; False reads tensors and plain data alone (timm checkpoints, sd_plugin's own files).
+
+    A file that names other Python objects is refused with a ValueError (its code never runs); a damaged file
+    raises a ValueError naming it and the newest intact checkpoint next to it.
     """
     from ._io import explain_unreadable_checkpoint
 
-    with mmengine_safe_globals():
+    with mmengine_safe_globals() if mmengine_objects else contextlib.nullcontext():
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise refuse_unsafe_checkpoint(path, err, option) from err
         except (RuntimeError, EOFError, ValueError) as err:
             if not os.path.isfile(path):
                 raise
             raise explain_unreadable_checkpoint(path, err, option) from err
+
+
+def refuse_unsafe_checkpoint(
+    path: Union[str, os.PathLike[str]], err: BaseException, option: str = "checkpoint"
+) -> ValueError:
+    """The ValueError for a file that torch's safe unpickler refused: it names objects that are not data.
+
+    Such a file could run code when unpickled with ``weights_only=False``; sd_plugin never does that.
+    """
+    try:
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception:  # not a zip checkpoint: torch's own message is all there is
+        found = []
+    what = ", ".join(found) if found else (str(err).splitlines() or [""])[-1].strip()
+    return ValueError(
+        f"{option} {str(path)!r} is refused: it holds Python objects that are not tensors or plain data ({what}), "
+        "and loading them could run code from the file. sd_plugin reads checkpoints as data only "
+        "(torch.load(..., weights_only=True)). Use a checkpoint written by sd_plugin, timm or mmengine; if you made "
+        "this file yourself, save plain state dicts (tensors, numbers, strings, lists, dicts) instead."
+    )
 
 
 def _remove(objs: List[Any]) -> None:
@@ -168,6 +200,8 @@ def _scoped(loader: Callable[..., Any]) -> Callable[..., Any]:
         with mmengine_safe_globals():
             try:
                 return loader(filename, map_location)
+            except pickle.UnpicklingError as err:
+                raise refuse_unsafe_checkpoint(os.path.expanduser(filename), err) from err
             except (RuntimeError, EOFError, OSError, ValueError) as err:
                 if isinstance(err, FileNotFoundError) or not os.path.isfile(os.path.expanduser(filename)):
                     raise

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import random
 import signal
 import sys
@@ -34,6 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import sd_plugin
 from sd_plugin._io import atomic_save, atomic_write, check_checkpoint_file
+from sd_plugin._safe_globals import load_checkpoint_file, refuse_unsafe_checkpoint
 from sd_plugin.core import SelfDistillConfig, soft_cross_entropy
 from sd_plugin.core.methods import ClassPairIndexSampler
 from sd_plugin.timm_adapter._train_utils import (
@@ -129,13 +131,19 @@ def create_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
     """timm.create_model at --img-size when the model takes an img_size, else its own size."""
     kwargs: Dict[str, Any] = dict(pretrained=args.pretrained, num_classes=num_classes)
     if args.initial_checkpoint:
+        check_checkpoint_file(args.initial_checkpoint, "--initial-checkpoint")
         kwargs["checkpoint_path"] = args.initial_checkpoint
-    if args.img_size:
-        try:
-            return timm.create_model(args.model, img_size=args.img_size, **kwargs)
-        except TypeError:
-            pass  # a fully convolutional model: takes any size
-    return timm.create_model(args.model, **kwargs)
+    try:
+        if args.img_size:
+            try:
+                return timm.create_model(args.model, img_size=args.img_size, **kwargs)
+            except TypeError:
+                pass  # a fully convolutional model: takes any size
+        return timm.create_model(args.model, **kwargs)
+    except RuntimeError as err:  # timm loads with weights_only=True and reports a refused pickle this way
+        if isinstance(err.__cause__, pickle.UnpicklingError):
+            raise refuse_unsafe_checkpoint(args.initial_checkpoint, err.__cause__, "--initial-checkpoint") from err
+        raise
 
 
 def sd_config(args: argparse.Namespace) -> SelfDistillConfig:
@@ -170,7 +178,9 @@ RESUME_KEYS = ("state_dict", "optimizer", "scheduler", "epoch")
 def _load_resume_checkpoint(path: str) -> Dict[str, Any]:
     """The checkpoint-last.pth of an earlier run, or a ValueError that says what the file is instead."""
     check_checkpoint_file(path, "--resume", pattern="checkpoint-*.pth")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint_file(
+        path, "--resume", mmengine_objects=False
+    )  # data only: a crafted file is refused, its code never runs
     missing = [k for k in RESUME_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise ValueError(

@@ -26,7 +26,7 @@ import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -40,6 +40,7 @@ from .policy import ExitPolicy
 __all__ = ["CascadeOutput", "OnnxCascade", "export_cascade"]
 
 MANIFEST = "cascade.json"
+MANIFEST_FORMAT = "sd_plugin.onnx_cascade/1"
 
 
 def _replace(value: Any, new: torch.Tensor, k: int) -> Any:
@@ -163,7 +164,7 @@ def export_cascade(
             exits.append((f"exit{stop + 1}.onnx", y, ex(y)))
         x = y
     manifest = {
-        "format": "sd_plugin.onnx_cascade/1",
+        "format": MANIFEST_FORMAT,
         "num_exits": e,
         "segments": [name for name, _, _ in segments],
         "exits": [name for name, _, _ in exits],
@@ -202,6 +203,24 @@ def _scores(logits: np.ndarray, criterion: str) -> np.ndarray:
     return (np.exp(log_p) * log_p).sum(axis=1)
 
 
+def _read_manifest(path: Path) -> Dict[str, Any]:
+    """The manifest as data: JSON, the right format, graph files named inside its own folder."""
+    try:
+        m = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not an sd_plugin ONNX cascade manifest (not JSON: {err}).") from err
+    if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT:
+        raise ValueError(f"{path} is not an sd_plugin ONNX cascade manifest (no format {MANIFEST_FORMAT!r}).")
+    for key in ("segments", "exits"):
+        names = m.get(key)
+        if not isinstance(names, list) or not all(isinstance(n, str) and n == Path(n).name for n in names):
+            raise ValueError(
+                f"{path}: {key!r} must list the graph files of the export folder by bare file name, got {names!r}; "
+                "write the cascade again with export_cascade(...)."
+            )
+    return m
+
+
 class OnnxCascade:
     """Early-exit inference on ONNX Runtime from the files of :func:`export_cascade`.
 
@@ -225,9 +244,7 @@ class OnnxCascade:
         manifest_path = path / MANIFEST if path.is_dir() else path
         if not manifest_path.is_file():
             raise ValueError(f"{manifest_path} not found: write the cascade with export_cascade(...) first.")
-        m = json.loads(manifest_path.read_text())
-        if m.get("format") != "sd_plugin.onnx_cascade/1":
-            raise ValueError(f"{manifest_path} is not an sd_plugin ONNX cascade manifest.")
+        m = _read_manifest(manifest_path)
         root = manifest_path.parent
         kw = dict(providers=list(providers or ["CPUExecutionProvider"]), sess_options=session_options)
         self.segments = [ort.InferenceSession(str(root / n), **kw) for n in m["segments"]]

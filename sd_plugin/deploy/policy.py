@@ -148,7 +148,10 @@ class ExitPolicy:
     @classmethod
     def load(cls, path: Union[str, Path]) -> ExitPolicy:
         """Read a policy written by :meth:`save`."""
-        data = json.loads(Path(path).read_text())
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path} is not an exit policy file (not JSON: {err}); write one with save().") from err
         if not isinstance(data, dict) or "thresholds" not in data:
             raise ValueError(f"{path} is not an exit policy file (no 'thresholds' key).")
         return cls(

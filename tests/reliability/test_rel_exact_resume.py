@@ -89,7 +89,7 @@ def test_timm_resume_with_shuffle_augmentation_mixup_and_workers_is_exact(tmp_pa
     resume = ["--resume", str(tmp_path / "part" / "checkpoint-last.pth")]
     _train_timm(load_tool("train_timm"), data, tmp_path / "part", *recipe, *resume)
 
-    load = lambda out: torch.load(out / "checkpoint-last.pth", map_location="cpu", weights_only=False)  # noqa: E731
+    load = lambda out: torch.load(out / "checkpoint-last.pth", map_location="cpu", weights_only=True)  # noqa: E731
     full, part = load(tmp_path / "full"), load(tmp_path / "part")
     summary = lambda out: json.loads((out / "summary.json").read_text())["epochs"]  # noqa: E731
     assert [h["loss"] for h in summary(tmp_path / "part")] == [h["loss"] for h in summary(tmp_path / "full")]

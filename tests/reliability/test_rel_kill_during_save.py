@@ -97,7 +97,7 @@ def test_sigkill_while_saving_keeps_the_last_checkpoint_and_resume_loses_nothing
     _kill_when_stalled(cmd, marker)
 
     assert _all_checkpoints_complete(part) == ["checkpoint-last.pth", "exits.pth", "model_plain.pth"]
-    assert torch.load(part / "checkpoint-last.pth", weights_only=False)["epoch"] == 1  # the previous one, intact
+    assert torch.load(part / "checkpoint-last.pth", weights_only=True)["epoch"] == 1  # the previous one, intact
     assert list(part.glob(".checkpoint-last.pth.*.tmp")), "the kill came while checkpoint-last.pth was written"
     run_cmd(
         [
@@ -111,8 +111,8 @@ def test_sigkill_while_saving_keeps_the_last_checkpoint_and_resume_loses_nothing
             str(part / "checkpoint-last.pth"),
         ]
     )
-    full = torch.load(tmp_path / "full" / "checkpoint-last.pth", weights_only=False)
-    resumed = torch.load(part / "checkpoint-last.pth", weights_only=False)
+    full = torch.load(tmp_path / "full" / "checkpoint-last.pth", weights_only=True)
+    resumed = torch.load(part / "checkpoint-last.pth", weights_only=True)
     assert resumed["epoch"] == 2 and max_abs_diff(full["state_dict"], resumed["state_dict"]) == 0.0
 
 

@@ -40,7 +40,7 @@ def _train(data: Path, out: Path, *args: str, tool: Any = None) -> None:
 
 
 def _ckpt(out: Path) -> Dict[str, Any]:
-    return torch.load(out / "checkpoint-last.pth", map_location="cpu", weights_only=False)
+    return torch.load(out / "checkpoint-last.pth", map_location="cpu", weights_only=True)
 
 
 def _summary(out: Path) -> List[Dict[str, Any]]:

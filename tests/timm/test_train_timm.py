@@ -39,7 +39,7 @@ def test_train_one_epoch_writes_table_and_checkpoints(tmp_path: Path) -> None:
 
     plain = timm.create_model("test_resnet", num_classes=10)
     plain.load_state_dict(torch.load(tmp_path / "model_plain.pth", weights_only=True), strict=True)
-    ckpt = torch.load(tmp_path / "checkpoint-last.pth", weights_only=False)
+    ckpt = torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)
     assert any(k.startswith("sd_exits.") for k in ckpt["state_dict"])
     assert set(torch.load(tmp_path / "exits.pth", weights_only=True)) == {
         k[len("sd_exits.") :] for k in ckpt["state_dict"] if k.startswith("sd_exits.")

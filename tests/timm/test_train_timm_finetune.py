@@ -42,7 +42,7 @@ def test_vit_tiny_layer_decay_and_grad_checkpointing(tmp_path: Path, monkeypatch
 
     (epoch,) = json.loads((tmp_path / "summary.json").read_text())["epochs"]
     assert math.isfinite(epoch["loss"]) and set(epoch["top1"]) >= {"exit1", "exit2", "exit3", "deepest"}
-    groups = torch.load(tmp_path / "checkpoint-last.pth", weights_only=False)["optimizer"]["param_groups"]
+    groups = torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)["optimizer"]["param_groups"]
     # timm's layer decay on the wrapped ViT-Ti: 12 blocks + embeddings + head = 14 lr scales, each with and
     # without weight decay (28 groups, as on the plain model); the exits are inside those groups
     assert len({g["lr_scale"] for g in groups}) == 14 and len(groups) == 28
