@@ -11,9 +11,8 @@
 # Train: python .venv/lib/python3.11/site-packages/mmpretrain/.mim/tools/train.py configs/resnet18_cifar100_byot.py
 _base_ = ['mmpretrain::resnet/resnet50_8xb16_cifar100.py']
 
-custom_imports = dict(imports=['sd_plugin'], allow_failed_imports=False)
 model = dict(
-    type='SelfDistillClassifier',
+    type='sd_plugin.SelfDistillClassifier',
     backbone=dict(depth=18),
     head=dict(in_channels=512, num_classes=100),
     temperature=3.0,
@@ -31,7 +30,7 @@ optim_wrapper = dict(optimizer=dict(type='SGD', lr=0.1, momentum=0.9, weight_dec
 param_scheduler = dict(_delete_=True, type='MultiStepLR', by_epoch=True, milestones=[100, 150], gamma=0.1)
 train_cfg = dict(by_epoch=True, max_epochs=200, val_interval=1)
 
-val_evaluator = dict(_delete_=True, type='MultiExitAccuracy', topk=(1, 5))
+val_evaluator = dict(_delete_=True, type='sd_plugin.MultiExitAccuracy', topk=(1, 5))
 test_evaluator = val_evaluator
 
 default_hooks = dict(checkpoint=dict(type='CheckpointHook', interval=10, max_keep_ckpts=2,

@@ -7,9 +7,8 @@
 #         test_dataloader.dataset.data_root=DIR.
 _base_ = ['mmpretrain::resnet/resnet18_8xb16_cifar10.py']
 
-# The two lines that turn any ImageClassifier config into self-distillation:
-custom_imports = dict(imports=['sd_plugin'], allow_failed_imports=False)
-model = dict(type='SelfDistillClassifier')  # BYOT defaults: T=3, ce 0.7, kd 0.3, hint 0.03
+# The one line that turns any ImageClassifier config into self-distillation (no custom_imports needed):
+model = dict(type='sd_plugin.SelfDistillClassifier')  # BYOT defaults: T=3, ce 0.7, kd 0.3, hint 0.03
 
 # '~/.cache/sd_plugin/cifar10', expanded by mmengine's environment-variable substitution.
 data_root = '{{$HOME:~}}/.cache/sd_plugin/cifar10'
@@ -45,7 +44,7 @@ val_dataloader = dict(
 test_dataloader = val_dataloader
 
 # Top-1 of every exit, the deepest classifier and the ensemble.
-val_evaluator = dict(_delete_=True, type='MultiExitAccuracy', topk=(1, ))
+val_evaluator = dict(_delete_=True, type='sd_plugin.MultiExitAccuracy', topk=(1, ))
 test_evaluator = val_evaluator
 
 default_hooks = dict(checkpoint=dict(type='CheckpointHook', interval=10, max_keep_ckpts=2,

@@ -16,8 +16,9 @@ from typing import Any, Iterator, Union
 import torch
 import torch.nn as nn
 from mmengine.optim import OptimWrapper
-from mmengine.registry import OPTIM_WRAPPERS
 from mmengine.runner.amp import autocast
+
+from .registry import OPTIM_WRAPPERS
 
 __all__ = ["CPUAutocastOptimWrapper"]
 

@@ -3,10 +3,9 @@
 # Run it with `make demo` (or `python tools/demo.py`).
 _base_ = ['mmpretrain::resnet/resnet18_8xb16_cifar10.py']
 
-# The two lines that add self-distillation to any MMPretrain classification config:
-custom_imports = dict(imports=['sd_plugin'], allow_failed_imports=False)
+# The one line that adds self-distillation to any MMPretrain classification config:
 model = dict(
-    type='SelfDistillClassifier',
+    type='sd_plugin.SelfDistillClassifier',
     # Demo-only changes, to fit a CPU: quarter width (channels 16-32-64-128).
     backbone=dict(stem_channels=16, base_channels=16),
     head=dict(in_channels=128),
@@ -40,7 +39,7 @@ val_dataloader = dict(
                  pipeline=test_pipeline),
 )
 test_dataloader = val_dataloader
-val_evaluator = dict(type='MultiExitAccuracy')
+val_evaluator = dict(type='sd_plugin.MultiExitAccuracy')
 test_evaluator = val_evaluator
 
 max_epochs = 15

@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence
 
 from mmengine.dist import get_dist_info, sync_random_seed
-from mmpretrain.registry import DATA_SAMPLERS
 
 from sd_plugin.core.methods import ClassPairIndexSampler
+
+from ..registry import DATA_SAMPLERS
 
 __all__ = ["ClassPairSampler"]
 

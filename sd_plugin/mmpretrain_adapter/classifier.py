@@ -10,13 +10,13 @@ import torch
 import torch.nn as nn
 from mmengine.logging import print_log
 from mmpretrain.models.classifiers import ImageClassifier
-from mmpretrain.registry import MODELS
 from mmpretrain.structures import DataSample
 
 from sd_plugin._checks import check_class_labels, check_finite_input
 from sd_plugin.core import ExitPoint, SelfDistillConfig, SelfDistillOutput
 from sd_plugin.core.engine import ExitEngine
 
+from ..registry import MODELS
 from ._discovery import discover_exits, plain_backprop_for_exits
 from ._early_exit_infer import early_exit_logits, exit_scores_requested, parse_early_exit
 from ._head_calls import HeadOutput, deepest_head_loss, given_loss, head_loss, plain_logits, run_head
@@ -71,8 +71,13 @@ class SelfDistillClassifier(ImageClassifier):
     (logged), so the exits' losses reach its layers.
 
     Args:
-        backbone, neck, head, pretrained, train_cfg, data_preprocessor, init_cfg:
-            As for ``ImageClassifier``.
+        backbone: As for ``ImageClassifier``.
+        neck: As for ``ImageClassifier``.
+        head: As for ``ImageClassifier``.
+        pretrained: As for ``ImageClassifier``.
+        train_cfg: As for ``ImageClassifier``.
+        data_preprocessor: As for ``ImageClassifier``.
+        init_cfg: As for ``ImageClassifier``.
         stage_modules: Dotted names (relative to the backbone) of its main-path
             stage modules, for a backbone whose stages are not found
             automatically. Each one's output must feed the next.

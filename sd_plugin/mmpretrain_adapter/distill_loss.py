@@ -6,10 +6,11 @@ from typing import Callable, Dict, Optional, Sequence
 
 import torch
 import torch.nn as nn
-from mmpretrain.registry import MODELS
 
 from sd_plugin.core import SelfDistillLoss as _CoreSelfDistillLoss
 from sd_plugin.core import SelfDistillOutput
+
+from ..registry import MODELS
 
 __all__ = ["SelfDistillLoss"]
 

@@ -6,9 +6,10 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from mmengine.model import BaseModule
-from mmpretrain.registry import MODELS
 
 from sd_plugin.core import build_exit
+
+from ..registry import MODELS
 
 __all__ = ["SelfDistillExitNeck"]
 

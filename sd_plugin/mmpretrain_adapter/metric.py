@@ -7,8 +7,8 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import torch
 from mmengine.evaluator import BaseMetric
 from mmpretrain.evaluation.metrics import Accuracy
-from mmpretrain.registry import METRICS
 
+from ..registry import METRICS
 from ._early_exit_infer import request_exit_scores
 from .classifier import EXIT_SCORES
 

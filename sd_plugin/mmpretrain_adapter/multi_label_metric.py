@@ -7,9 +7,9 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from mmengine.evaluator import BaseMetric
 from mmpretrain.evaluation.metrics import AveragePrecision
-from mmpretrain.registry import METRICS
 from mmpretrain.structures import label_to_onehot
 
+from ..registry import METRICS
 from ._early_exit_infer import request_exit_scores
 from .metric import exit_scores_of
 

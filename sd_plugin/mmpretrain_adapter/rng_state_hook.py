@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from mmengine.hooks import Hook
 from mmengine.runner import EpochBasedTrainLoop
-from mmpretrain.registry import HOOKS
+
+from ..registry import HOOKS
 
 __all__ = ["RNGStateHook", "seed_all", "capture_rng_state", "restore_rng_state"]
 

@@ -8,10 +8,11 @@ from typing import Any, Dict, Optional
 
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
-from mmpretrain.registry import HOOKS
 
 from sd_plugin._io import atomic_save
 from sd_plugin.deploy.strip import strip_state_dict
+
+from ..registry import HOOKS
 
 __all__ = ["SaveStrippedCheckpointHook"]
 

@@ -6,7 +6,8 @@ from typing import Any, Optional
 
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
-from mmpretrain.registry import HOOKS
+
+from ..registry import HOOKS
 
 __all__ = ["DistillWeightWarmupHook"]
 

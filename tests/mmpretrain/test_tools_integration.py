@@ -1,4 +1,4 @@
-"""End to end with MMPretrain's own tools: train.py, train.py --resume, test.py on a two-line config."""
+"""End to end with MMPretrain's own tools: train.py, train.py --resume, test.py on the one- and two-line configs."""
 
 from __future__ import annotations
 
@@ -17,10 +17,16 @@ REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "demo_data" / "cifar10_mini"
 CLASSES = ("airplane", "cat")
 
-CONFIG = """
+TWO_LINES = """
 _base_ = ['mmpretrain::resnet/resnet18_8xb16_cifar10.py']
 custom_imports = dict(imports=['sd_plugin'], allow_failed_imports=False)
 model = dict(type='SelfDistillClassifier', head=dict(num_classes=2))
+"""
+ONE_LINE = """
+_base_ = ['mmpretrain::resnet/resnet18_8xb16_cifar10.py']
+model = dict(type='sd_plugin.SelfDistillClassifier', head=dict(num_classes=2))
+"""
+DATA = """
 
 # A tiny ImageFolder data set instead of the base config's CIFAR-10 download.
 data_root = '{root}'
@@ -31,12 +37,13 @@ train_dataloader = dict(**_loader, dataset=dict(_delete_=True, type='CustomDatas
 val_dataloader = dict(**_loader, dataset=dict(_delete_=True, type='CustomDataset', data_root=data_root,
     data_prefix='test', pipeline=[dict(type='LoadImageFromFile'), dict(type='PackInputs')]))
 test_dataloader = val_dataloader
-val_evaluator = dict(_delete_=True, type='MultiExitAccuracy')
+val_evaluator = dict(_delete_=True, type='{scope}MultiExitAccuracy')
 test_evaluator = val_evaluator
 train_cfg = dict(max_epochs=1, val_interval=1)
 default_hooks = dict(logger=dict(interval=1), checkpoint=dict(interval=1))
-custom_hooks = [dict(type='DistillWeightWarmupHook', warmup_iters=2)]
+custom_hooks = [dict(type='{scope}DistillWeightWarmupHook', warmup_iters=2)]
 """
+CONFIG = TWO_LINES + DATA.replace("{scope}", "")
 
 
 def _tool(name: str) -> str:
@@ -87,6 +94,27 @@ def test_train_resume_test_with_mmpretrain_tools(tmp_path: Path) -> None:
 
     out = _run([_tool("test.py"), str(cfg), str(work / "epoch_2.pth"), "--work-dir", str(work / "test")], tmp_path)
     for key in ("exit1_top1", "exit3_top1", "deepest_top1", "ensemble_top1"):
+        assert re.search(rf"multi-exit/{key}: [\d.]+", out), f"{key} missing from test.py output"
+
+
+def test_one_line_config_with_mmpretrain_tools(tmp_path: Path) -> None:
+    """``type='sd_plugin.SelfDistillClassifier'`` with no custom_imports: scoped model, metric and hook resolve."""
+    data = tmp_path / "data"
+    _tiny_imagefolder(data)
+    cfg = tmp_path / "sd_one_line.py"
+    text = ONE_LINE + DATA.replace("{scope}", "sd_plugin.").format(root=data)
+    assert "custom_imports" not in text and "import" not in text.replace("_base_", "")
+    cfg.write_text(text)
+    work = tmp_path / "work"
+
+    out = _run([_tool("train.py"), str(cfg), "--work-dir", str(work)], tmp_path)
+    for key in ("loss_ce", "exit1_loss_ce", "exit3_loss_kd"):
+        assert key in out, f"{key} not logged"
+    assert re.search(r"multi-exit/exit1_top1: [\d.]+", out)
+    assert "DistillWeightWarmupHook" in out  # listed among the runner's hooks
+
+    out = _run([_tool("test.py"), str(cfg), str(work / "epoch_1.pth"), "--work-dir", str(work / "test")], tmp_path)
+    for key in ("exit1_top1", "deepest_top1", "ensemble_top1"):
         assert re.search(rf"multi-exit/{key}: [\d.]+", out), f"{key} missing from test.py output"
 
 
