@@ -127,13 +127,32 @@ def test_arm_names_parse_into_recipes() -> None:
     assert _bench_arms.parse_arm("cskd").class_pairs
     assert not _bench_arms.parse_arm("ls").self_distill_model
     assert _bench_arms.parse_arm("sd").name == "byot" and _bench_arms.parse_arm("plain").name == "ce"
-    for bad in ("ce+ls", "byot+byotrms", "mixsd", "ls+ls"):
+    c = _bench_arms.parse_arm("byot+cutmix+ls")
+    assert c.exits and c.batch_augment == "cutmix" and c.label_smoothing == 0.1
+    assert _bench_arms.parse_arm("mixup").batch_augment == "mixup" and not _bench_arms.parse_arm("mixup").exits
+    for bad in ("ce+ls", "byot+byotrms", "mixsd", "ls+ls", "mixup+cutmix"):
         with pytest.raises(ValueError, match="arm"):
             _bench_arms.parse_arm(bad)
     args = benchmark.parse_args(["--arms", "byot", "ls"])
     assert args.arms == ["ce", "byot", "ls"]  # the baseline is always measured
     with pytest.raises(SystemExit):
         benchmark.parse_args(["--arms", "byot", "sd"])  # 'sd' is byot: a duplicate
+
+
+def test_batch_augment_arms_use_the_frameworks_own_augments(tmp_path: Path) -> None:
+    """MMPretrain: ``train_cfg.augments`` (its data preprocessor mixes) and soft-target CE on the head."""
+    from tools.bench.data import DataSplits
+    from tools.bench.mmpretrain_route import arm_spec
+
+    ann = tmp_path / "ann.txt"
+    splits = DataSplits(tmp_path, ("a", "b"), ann, ann, ann, num_train=2, num_val=2, num_test=2)
+    over = arm_spec("byot+cutmix", splits, epochs=1, seed=0, work_dir=tmp_path)["overrides"]
+    assert over["model.train_cfg"] == {"augments": [{"type": "CutMix", "alpha": _bench_arms.MIX_ALPHA}]}
+    assert over["model.head.loss"]["use_soft"] is True
+    over = arm_spec("mixup+ls", splits, epochs=1, seed=0, work_dir=tmp_path)["overrides"]
+    assert over["model.train_cfg"]["augments"][0]["type"] == "Mixup"
+    assert over["model.head.loss"]["type"] == "LabelSmoothLoss"  # smoothing applied to the mixed targets
+    assert "model.train_cfg" not in arm_spec("byot", splits, epochs=1, seed=0, work_dir=tmp_path)["overrides"]
 
 
 def test_sd_option_parsing() -> None:
@@ -195,8 +214,10 @@ def test_exit_flops_rejects_models_without_exits() -> None:
 @pytest.mark.parametrize(
     "route, arms",
     [
-        pytest.param("mmpretrain", ["ce", "byot+ls", "pskd", "cskd", "tfkd"], marks=pytest.mark.mmpretrain),
-        pytest.param("timm", ["ce", "byot", "tfkd+ls"], marks=pytest.mark.timm),
+        pytest.param(
+            "mmpretrain", ["ce", "byot+ls", "pskd", "cskd", "tfkd", "byot+cutmix"], marks=pytest.mark.mmpretrain
+        ),
+        pytest.param("timm", ["ce", "byot", "tfkd+ls", "mixup"], marks=pytest.mark.timm),
     ],
 )
 def test_quick_run_writes_every_arm(route: str, arms: List[str], tmp_path: Path) -> None:

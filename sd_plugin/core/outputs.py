@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List
+from typing import List, Optional, Sequence
 
 import torch
+
+from .ensemble import ensemble_logits
 
 __all__ = ["SelfDistillOutput"]
 
@@ -47,16 +49,16 @@ class SelfDistillOutput:
         """Class probabilities of ``logits`` (N, C): softmax, or a sigmoid per class when ``multi_label``."""
         return logits.float().sigmoid() if self.multi_label else logits.float().softmax(dim=1)
 
-    def ensemble_probs(self) -> torch.Tensor:
-        """Probabilities of the mean logits of all exits and the deepest classifier (see :meth:`probs`).
+    def ensemble_probs(self, weights: Optional[Sequence[float]] = None) -> torch.Tensor:
+        """Probabilities (see :meth:`probs`) of the ensemble of all exits and the deepest classifier.
 
-        As BYOT's released code computes its ensemble (``sum(outputs) / len(outputs)``
-        of the logits; github.com/ArchipLab-LinfengZhang/pytorch-self-distillation-final, train.py).
+        Equal weights by default: the mean of the logits, as BYOT's released code computes its ensemble
+        (``sum(outputs) / len(outputs)``; see :mod:`sd_plugin.core.ensemble`); ``weights`` from
+        :func:`~sd_plugin.core.ensemble.fit_ensemble_weights` for the calibrated ensemble.
         """
-        return self.probs(torch.stack([lg.float() for lg in self.all_logits()]).mean(dim=0))
+        return self.probs(ensemble_logits(self.all_logits(), weights, multi_label=True))
 
-    def ensemble_logits(self) -> torch.Tensor:
+    def ensemble_logits(self, weights: Optional[Sequence[float]] = None) -> torch.Tensor:
         """Float32 logits whose probabilities (:meth:`probs`) are :meth:`ensemble_probs`: the log of the ensemble's
-        softmax (clamped, no -inf), or for a multi-label output the mean logits themselves."""
-        mean = torch.stack([lg.float() for lg in self.all_logits()]).mean(dim=0)
-        return mean if self.multi_label else mean.softmax(dim=1).clamp_min(1e-12).log()
+        softmax (clamped, no -inf), or for a multi-label output the weighted logits themselves."""
+        return ensemble_logits(self.all_logits(), weights, multi_label=self.multi_label)

@@ -8,6 +8,7 @@ import torch
 from mmengine.evaluator import BaseMetric
 from mmpretrain.evaluation.metrics import Accuracy
 
+from ..core.ensemble import ensemble_logits
 from ..registry import METRICS
 from ._early_exit_infer import request_exit_scores
 from .classifier import EXIT_SCORES
@@ -83,9 +84,9 @@ class MultiExitAccuracy(BaseMetric):
         target = torch.cat([r["label"] for r in results])
         n_outputs = scores.shape[1]
         names = [f"exit{k}" for k in range(1, n_outputs)] + ["deepest"]
-        # BYOT's ensemble averages the logits; the mean log-softmax differs from the mean logits by a
-        # per-sample constant, so its softmax is the softmax of the mean logits.
-        ensemble = scores.float().clamp_min(torch.finfo(torch.float32).tiny).log().mean(dim=1).softmax(dim=1)
+        # The library's ensemble of the log-probabilities: each differs from its logits by a per-sample constant,
+        # so its softmax is the ensemble of the logits.
+        ensemble = ensemble_logits(scores.float().clamp_min(torch.finfo(torch.float32).tiny).log().transpose(0, 1))
         per_output = [scores[:, i] for i in range(n_outputs)] + [ensemble]
         metrics: Dict[str, float] = {}
         for name, pred in zip([*names, "ensemble"], per_output):

@@ -4,8 +4,9 @@ An arm is ``+``-joined components: ``ce`` (plain cross-entropy, alone), ``ls``
 (label smoothing 0.1 on every label loss), ``byot`` (exits with sd_plugin's
 defaults), ``byotrms`` (exits with the hint that reproduces BYOT's at batch 128:
 ``hint_form='rms', hint_weight=0.34``), ``pskd`` (PS-KD, a_T = 0.8), ``cskd`` (CS-KD, weight 1, T = 4,
-class-pair sampler) and ``tfkd`` (Tf-KD-reg, weight 0.1, T = 20). Methods
-without ``byot`` run on the same model with no exits.
+class-pair sampler), ``tfkd`` (Tf-KD-reg, weight 0.1, T = 20), ``mixup`` and ``cutmix`` (the framework's own
+batch augments: MMPretrain ``train_cfg.augments``, timm ``Mixup``; alpha 1.0, applied to every batch, soft-target
+cross-entropy). Methods without ``byot`` run on the same model with no exits.
 """
 
 from __future__ import annotations
@@ -13,9 +14,22 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Sequence
 
-__all__ = ["BASELINE_ARM", "ArmRecipe", "parse_arm", "parse_arms", "COMPONENTS", "LEGACY_NAMES", "LABEL_SMOOTHING"]
+__all__ = [
+    "BASELINE_ARM",
+    "ArmRecipe",
+    "parse_arm",
+    "parse_arms",
+    "COMPONENTS",
+    "LEGACY_NAMES",
+    "LABEL_SMOOTHING",
+    "MIX_ALPHA",
+]
 
 LABEL_SMOOTHING = 0.1
+#: Beta(alpha, alpha) mixing of Mixup and CutMix: 1.0 as in the CutMix paper's CIFAR runs and Self-KD-Lib's table.
+MIX_ALPHA = 1.0
+#: Components that are a batch augment rather than a loss option.
+BATCH_AUGMENTS = ("mixup", "cutmix")
 #: The arm every other is compared with.
 BASELINE_ARM = "ce"
 #: Options each component sets on ``SelfDistillConfig`` (the methods' published defaults; see docs/configuration.md).
@@ -27,6 +41,8 @@ COMPONENTS: Dict[str, Dict[str, Any]] = {
     "pskd": {"pskd_alpha": 0.8},
     "cskd": {"cskd_weight": 1.0, "cskd_temperature": 4.0},
     "tfkd": {"tfkd_weight": 0.1, "tfkd_temperature": 20.0},
+    "mixup": {},
+    "cutmix": {},
 }
 #: Names of the two-arm benchmark before ``--arms`` existed.
 LEGACY_NAMES = {"plain": "ce", "sd": "byot"}
@@ -42,6 +58,7 @@ class ArmRecipe:
     options: Dict[str, Any] = field(default_factory=dict)
     class_pairs: bool = False
     pskd: bool = False
+    batch_augment: str = ""  # 'mixup', 'cutmix' or '' (none)
 
     @property
     def self_distill_model(self) -> bool:
@@ -63,6 +80,9 @@ def parse_arm(name: str) -> ArmRecipe:
         raise ValueError(f"arm {name!r}: 'ce' is the plain baseline and stands alone; drop it (e.g. 'ls').")
     if "byot" in parts and "byotrms" in parts:
         raise ValueError(f"arm {name!r}: choose one of byot and byotrms.")
+    augments = [p for p in parts if p in BATCH_AUGMENTS]
+    if len(augments) > 1:
+        raise ValueError(f"arm {name!r}: choose one batch augment of {BATCH_AUGMENTS}.")
     options: Dict[str, Any] = {}
     for p in parts:
         options.update(COMPONENTS[p])
@@ -76,6 +96,7 @@ def parse_arm(name: str) -> ArmRecipe:
         options=options,
         class_pairs="cskd" in parts,
         pskd="pskd" in parts,
+        batch_augment=augments[0] if augments else "",
     )
 
 

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from tools.bench.arms import parse_arm
+from tools.bench.arms import MIX_ALPHA, parse_arm
 from tools.bench.cost import TrainArm
 from tools.bench.data import DataSplits
 
@@ -68,7 +68,7 @@ def arm_spec(
         "train_cfg.max_epochs": epochs,
         "param_scheduler": _schedule(epochs),
         "log_level": "WARNING",
-        # The last checkpoint stays in the work dir: tools.analyze_exits measures early exit on it.
+        # The last checkpoint stays in the work dir: `sd-plugin report` measures early exit on it.
         "default_hooks.checkpoint.save_last": True,
     }
     for loader, split, ann in (
@@ -92,6 +92,13 @@ def arm_spec(
         over["model.head.loss"] = dict(
             type="LabelSmoothLoss", label_smooth_val=recipe.label_smoothing, mode="original", loss_weight=1.0
         )
+    if recipe.batch_augment:
+        # MMPretrain's own batch augments (the data preprocessor mixes images and one-hot targets); the head's
+        # cross-entropy takes the soft targets (use_soft), label smoothing applies on top when asked.
+        kind = {"mixup": "Mixup", "cutmix": "CutMix"}[recipe.batch_augment]
+        over["model.train_cfg"] = dict(augments=[dict(type=kind, alpha=MIX_ALPHA)])
+        if not recipe.label_smoothing:
+            over["model.head.loss"] = dict(type="CrossEntropyLoss", loss_weight=1.0, use_soft=True)
     replace: Dict[str, Any] = {}
     if recipe.self_distill_model:
         for key, value in {**recipe.options, **(sd_options or {})}.items():

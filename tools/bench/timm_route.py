@@ -19,9 +19,12 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
-from tools.bench.arms import parse_arm
+from tools.bench.arms import MIX_ALPHA, parse_arm
 from tools.bench.cost import TrainArm
 from tools.bench.data import DataSplits
+
+#: CIFAR-10.
+NUM_CLASSES = 10
 
 __all__ = ["MODEL_DESCRIPTION", "arm_spec", "train_run", "build_arm", "sample_batches", "flops_inputs", "plain_forward"]
 
@@ -106,7 +109,7 @@ def _model(spec: Dict[str, Any], arm: str) -> nn.Module:
     import sd_plugin
 
     w = spec["width"]
-    model = timm.create_model("resnet18", num_classes=10, channels=(w, 2 * w, 4 * w, 8 * w), stem_width=w)
+    model = timm.create_model("resnet18", num_classes=NUM_CLASSES, channels=(w, 2 * w, 4 * w, 8 * w), stem_width=w)
     recipe = spec["recipe"]
     if not recipe.self_distill_model:
         return model
@@ -126,16 +129,25 @@ class _Trainer:
         self.model = _model(spec, arm)
         self.optimizer = create_optimizer_v2(self.model, opt="sgd", lr=_LR, weight_decay=_WD, momentum=_MOMENTUM)
         recipe = spec["recipe"]
+        self.mix: Any = None
+        smoothing = recipe.label_smoothing
+        if recipe.batch_augment:
+            from timm.data import Mixup
+
+            # timm's own batch augment: mixes images and makes the (smoothed) soft targets itself.
+            alpha = {"mixup_alpha": MIX_ALPHA} if recipe.batch_augment == "mixup" else {"cutmix_alpha": MIX_ALPHA}
+            self.mix = Mixup(**alpha, label_smoothing=smoothing, num_classes=NUM_CLASSES)
+            smoothing = 0.0
         self.criterion: nn.Module = (
-            sd_plugin.SelfDistillLoss(
-                label_smoothing=recipe.label_smoothing, **{**recipe.options, **spec.get("sd_options", {})}
-            )
+            sd_plugin.SelfDistillLoss(label_smoothing=smoothing, **{**recipe.options, **spec.get("sd_options", {})})
             if recipe.self_distill_model
-            else nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+            else nn.CrossEntropyLoss(label_smoothing=smoothing)  # takes soft (mixed) targets as probabilities
         )
 
     def step(self, batch: Tuple[torch.Tensor, torch.Tensor]) -> float:
         x, y = batch
+        if self.mix is not None:
+            x, y = self.mix(x, y)
         loss = self.criterion(self.model(x), y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
