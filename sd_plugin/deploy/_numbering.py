@@ -6,10 +6,9 @@ Internally (``MultiExitModel.exit_points[k]``, ``forward_exit(k, ...)``) exits a
 
 from __future__ import annotations
 
-import warnings
-from typing import List, Optional, Union
+from typing import List, Union
 
-__all__ = ["ExitRef", "exit_name", "exit_names", "resolve_exit", "warn_exit_index"]
+__all__ = ["ExitRef", "exit_name", "exit_names", "resolve_exit"]
 
 #: An exit as users name it: 1-based int (``num_exits + 1`` is the deepest), ``'exitN'`` or ``'deepest'``.
 ExitRef = Union[int, str]
@@ -42,24 +41,3 @@ def resolve_exit(exit: ExitRef, num_exits: int, what: str = "exit") -> int:
             "(or 'deepest') for the deepest classifier."
         )
     return exit - 1
-
-
-def warn_exit_index(old: str, new: str, stacklevel: int = 3) -> None:
-    """DeprecationWarning for the 0-based ``exit_index`` spelling."""
-    warnings.warn(
-        f"{old} is 0-based and deprecated; use {new} (1-based like the training log's exit1 ... deepest).",
-        DeprecationWarning,
-        stacklevel=stacklevel,
-    )
-
-
-def from_index(exit_index: Optional[int], num_exits: int) -> int:
-    """Validate a deprecated 0-based ``exit_index`` and return it."""
-    if isinstance(exit_index, bool) or not isinstance(exit_index, int):
-        raise TypeError(f"exit_index must be an int, got {exit_index!r}.")
-    if not 0 <= exit_index <= num_exits:
-        raise ValueError(
-            f"exit_index {exit_index} is out of range: this model has exits 0..{num_exits - 1} and "
-            f"{num_exits} for the deepest classifier (0-based; prefer exit=1..{num_exits + 1})."
-        )
-    return exit_index

@@ -21,7 +21,6 @@ import torch
 import torch.nn as nn
 
 from ..core import MultiExitModel, StopForward
-from ._numbering import warn_exit_index
 from .policy import ExitPolicy, confidence_scores
 
 __all__ = [
@@ -73,12 +72,6 @@ class EarlyExitOutput:
     logits: torch.Tensor
     exit: torch.Tensor
     samples_per_stage: List[int]
-
-    @property
-    def exit_index(self) -> torch.Tensor:
-        """Deprecated: the 0-based exit (``exit - 1``; ``num_exits`` for the deepest)."""
-        warn_exit_index("EarlyExitOutput.exit_index", "EarlyExitOutput.exit")
-        return self.exit - 1
 
     @property
     def stages_run(self) -> int:

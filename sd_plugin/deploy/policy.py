@@ -18,7 +18,6 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import torch
 
 from .._io import atomic_write
-from ._numbering import warn_exit_index
 
 __all__ = ["CRITERIA", "ExitPolicy", "confidence_scores", "exit_decisions", "thresholds_to_scores"]
 
@@ -72,8 +71,10 @@ def exit_decisions(scores: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
     if scores.dim() != 2 or bounds.shape != (scores.shape[0],):
         raise ValueError(f"scores must be (E, N) and bounds (E,), got {tuple(scores.shape)} and {tuple(bounds.shape)}.")
     passes = scores >= bounds.to(scores.device)[:, None]
-    passes = torch.cat([passes, passes.new_ones(1, scores.shape[1])])
-    return passes.to(torch.uint8).argmax(dim=0)  # argmax returns the first maximum
+    idx = torch.full((scores.shape[1],), scores.shape[0], dtype=torch.long, device=scores.device)
+    for k in range(scores.shape[0] - 1, -1, -1):  # the shallowest exit that clears its bound wins
+        idx = torch.where(passes[k], k, idx)
+    return idx
 
 
 @dataclass
@@ -124,11 +125,6 @@ class ExitPolicy:
             (N,) int64 exits numbered as the training log names them: 1 (``exit1``) ... E + 1 (the deepest).
         """
         return self._decide(exit_logits) + 1
-
-    def decide(self, exit_logits: Union[torch.Tensor, Sequence[torch.Tensor]]) -> torch.Tensor:
-        """Deprecated (0-based, ``E`` for the deepest): use :meth:`exits`, which returns ``decide(...) + 1``."""
-        warn_exit_index("ExitPolicy.decide", "ExitPolicy.exits")
-        return self._decide(exit_logits)
 
     def _decide(self, exit_logits: Union[torch.Tensor, Sequence[torch.Tensor]]) -> torch.Tensor:
         logits = torch.stack(list(exit_logits)) if not isinstance(exit_logits, torch.Tensor) else exit_logits

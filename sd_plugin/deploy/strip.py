@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import warnings
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -52,18 +51,6 @@ def exit_state_prefixes(model: Optional[nn.Module] = None) -> Tuple[str, ...]:
             continue
         out.extend(p for p in cls.exit_state_prefixes if p not in out)
     return tuple(out)
-
-
-def __getattr__(name: str) -> Any:
-    if name == "EXIT_PREFIXES":
-        warnings.warn(
-            "sd_plugin.deploy.strip.EXIT_PREFIXES is deprecated: use exit_state_prefixes() (the adapters declare "
-            "their prefixes in the class attribute exit_state_prefixes).",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return exit_state_prefixes()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def strip_state_dict(state_dict: Mapping[str, Any], prefixes: Optional[Sequence[str]] = None) -> Dict[str, Any]:

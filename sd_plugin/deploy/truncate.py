@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from ..core import MultiExitModel, StopForward
-from ._numbering import ExitRef, exit_name, from_index, resolve_exit, warn_exit_index
+from ._numbering import ExitRef, exit_name, resolve_exit
 from ._trace import modules_run, replace_with_identity, unused_subtrees
 from .early_exit import as_multi_exit, intercepting
 
@@ -28,39 +28,25 @@ class TruncatedModel(nn.Module):
 
     Args:
         model: A :class:`~sd_plugin.core.MultiExitModel`; it is deep-copied, not modified.
-        exit_index: Deprecated 0-based exit (``model.num_exits``: the deepest); use ``exit``.
-        example_input: An input batch used to find (and check) what can be dropped; ``None`` keeps
-            every weight.
         exit: The exit as the training log names it: 1 (``exit1``, the shallowest) ... ``num_exits + 1``,
             ``'exitN'`` or ``'deepest'`` (the plain model).
+        example_input: An input batch used to find (and check) what can be dropped; ``None`` keeps
+            every weight.
 
     Example:
         >>> small = TruncatedModel(sd_model, exit=2, example_input=torch.randn(1, 3, 32, 32)).eval()
         >>> logits = small(images)
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        exit_index: Optional[int] = None,
-        example_input: Optional[torch.Tensor] = None,
-        *,
-        exit: Optional[ExitRef] = None,
-    ) -> None:
+    def __init__(self, model: nn.Module, exit: ExitRef, example_input: Optional[torch.Tensor] = None) -> None:
         super().__init__()
         mx = as_multi_exit(model)
-        self._index = _index_of(mx.num_exits, exit, exit_index)
+        self._index = resolve_exit(exit, mx.num_exits)
         self.exit = self._index + 1
         self.model = copy.deepcopy(model)
         self.pruned: Tuple[str, ...] = ()
         if example_input is not None:
             self._prune(example_input)
-
-    @property
-    def exit_index(self) -> int:
-        """Deprecated: the 0-based exit (``exit - 1``)."""
-        warn_exit_index("TruncatedModel.exit_index", "TruncatedModel.exit")
-        return self._index
 
     @property
     def exit_name(self) -> str:
@@ -119,30 +105,9 @@ class TruncatedModel(nn.Module):
         self.train(was_training)
 
 
-def _index_of(num_exits: int, exit: Optional[ExitRef], exit_index: Optional[int]) -> int:
-    if (exit is None) == (exit_index is None):
-        raise TypeError("give the exit to end at: exit=1 ... num_exits + 1 or 'deepest' (exit_index is deprecated).")
-    if exit is not None:
-        return resolve_exit(exit, num_exits)
-    warn_exit_index("exit_index (or a positional exit number)", "exit=", stacklevel=4)
-    return from_index(exit_index, num_exits)
+def truncate(model: nn.Module, exit: ExitRef, example_input: Optional[torch.Tensor] = None) -> TruncatedModel:
+    """:class:`TruncatedModel` ending at ``exit`` (1-based, ``'exitN'`` or ``'deepest'``), in eval mode.
 
-
-def truncate(
-    model: nn.Module,
-    exit_index: Optional[int] = None,
-    example_input: Optional[torch.Tensor] = None,
-    *,
-    exit: Optional[ExitRef] = None,
-) -> TruncatedModel:
-    """:class:`TruncatedModel` ending at ``exit`` (1-based, or ``'deepest'``), in eval mode.
-
-    ``truncate(model, exit=2, example_input=x)`` ends at ``exit2``; the positional/``exit_index`` form is 0-based
-    and deprecated (see the class for the arguments).
+    ``truncate(model, exit=2, example_input=x)`` ends at ``exit2`` (see the class for the arguments).
     """
-    if exit_index is not None and exit is None:
-        mx = as_multi_exit(model)
-        warn_exit_index("exit_index (or a positional exit number)", "exit=", stacklevel=3)
-        exit = from_index(exit_index, mx.num_exits) + 1
-        exit_index = None
-    return TruncatedModel(model, exit_index, example_input, exit=exit).eval()
+    return TruncatedModel(model, exit, example_input).eval()

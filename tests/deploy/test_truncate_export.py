@@ -44,24 +44,18 @@ def test_bad_exit():
         TruncatedModel(toy(), exit="last")
     with pytest.raises(TypeError, match="int"):
         TruncatedModel(toy(), exit=1.0)  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="give the exit"):
+    with pytest.raises(TypeError, match="exit"):
         TruncatedModel(toy())
 
 
 @torch.no_grad()
-def test_exit_names_and_the_deprecated_0_based_index():
+def test_exit_names_and_numbers():
     model, x = toy(), torch.randn(2, 3, 16, 16)
     ref = all_exit_logits(model, x)
     assert truncate(model, exit="deepest").exit == 3 and truncate(model, exit="exit2").exit_name == "exit2"
     torch.testing.assert_close(truncate(model, exit="exit2")(x), ref[1])
-    with pytest.warns(DeprecationWarning, match="0-based"):
-        old = truncate(model, 1)  # README's 0.x spelling: 0-based index 1 is exit2
-    assert old.exit == 2
-    torch.testing.assert_close(old(x), ref[1])
-    with pytest.warns(DeprecationWarning, match="0-based"):
-        assert old.exit_index == 1
-    with pytest.warns(DeprecationWarning, match="0-based"):
-        assert TruncatedModel(model, exit_index=0).exit == 1
+    torch.testing.assert_close(truncate(model, 2)(x), ref[1])  # positional: 1-based like the log's exit2
+    assert TruncatedModel(model, 1).exit == 1 and not hasattr(TruncatedModel(model, 1), "exit_index")
 
 
 def test_onnx_matches_pytorch(tmp_path):
