@@ -6,7 +6,8 @@ MMPretrain's ``SelfDistillClassifier``) in plain torch. ``exit_costs`` needs mme
 """
 
 from .calibrate import ExitLogits, calibrate, collect_exit_logits, evaluate_policy
-from .early_exit import EarlyExitModel, EarlyExitOutput
+from .early_exit import EarlyExitModel, EarlyExitOutput, all_exit_logits
+from .ensemble import EnsembleModel
 from .flops import ExitCosts, exit_costs
 from .onnx import check_onnx, export_onnx
 from .onnx_cascade import CascadeOutput, OnnxCascade, export_cascade
@@ -17,6 +18,8 @@ from .truncate import TruncatedModel, truncate
 __all__ = [
     "EarlyExitModel",
     "EarlyExitOutput",
+    "EnsembleModel",
+    "all_exit_logits",
     "ExitPolicy",
     "ExitLogits",
     "collect_exit_logits",

@@ -26,9 +26,10 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 import torch.nn as nn
 
+from ..core.ensemble import fit_ensemble_weights
 from . import _risk
 from ._numbering import exit_names
-from .early_exit import as_multi_exit, forward_with_features, single_label
+from .early_exit import all_exit_logits, as_multi_exit, single_label
 from .policy import ExitPolicy, confidence_scores
 
 __all__ = ["ExitLogits", "collect_exit_logits", "evaluate_policy", "calibrate", "METHODS", "DEFAULT_DELTA"]
@@ -96,9 +97,7 @@ def collect_exit_logits(model: nn.Module, batches: Iterable[Tuple[torch.Tensor, 
     logits: List[torch.Tensor] = []
     targets: List[torch.Tensor] = []
     for images, labels in batches:
-        deepest, features = forward_with_features(mx, images)
-        per_exit = [mx.forward_exit(k, f) for k, f in enumerate(features)]
-        logits.append(torch.stack([*per_exit, deepest]).float().cpu())
+        logits.append(all_exit_logits(mx, images).float().cpu())
         targets.append(labels.cpu().long())
     if not logits:
         raise ValueError("no batches: the data loader is empty.")
@@ -351,6 +350,9 @@ def calibrate(
 ) -> ExitPolicy:
     """Thresholds that meet a target on new data (``method='guaranteed'``) or on ``data`` (``'empirical'``).
 
+    The returned policy also carries the calibrated ensemble's weights (``ensemble_weights``), fitted on the same
+    ``data`` by :func:`~sd_plugin.core.ensemble.fit_ensemble_weights`.
+
     Give exactly one target:
 
     - ``max_drop``: the largest top-1 drop (percentage points) below the deepest exit that
@@ -408,8 +410,10 @@ def calibrate(
         best = _search(scorer, max_drop, budget, num_candidates, rounds)
     sign = 1.0 if criterion == "max_prob" else -1.0
     thresholds = [None if b == float("inf") else sign * float(b) for b in best.tolist()]
-    policy = ExitPolicy(thresholds, criterion)
+    fit = fit_ensemble_weights(data.logits, data.targets)  # on the same held-out data: saved with the policy
+    policy = ExitPolicy(thresholds, criterion, ensemble_weights=fit.weights)
     stats = evaluate_policy(data, policy, c.tolist())
     target = {"max_drop": max_drop} if max_drop is not None else {"budget": budget}
+    info["ensemble"] = {"chosen": fit.chosen, "fitted": fit.fitted, "cv_top1": fit.cv_top1}
     policy.info = {"target": target, **info, "calibration": {**stats, "num_samples": int(data.targets.numel())}}
     return policy

@@ -108,6 +108,13 @@ def forward_with_features(model: Any, inputs: torch.Tensor) -> Tuple[torch.Tenso
     return deepest, list(cap.features)[: mx.num_exits]
 
 
+def all_exit_logits(model: Any, inputs: torch.Tensor) -> torch.Tensor:
+    """(E + 1, N, C) logits of every exit (``exit1`` first) and the deepest classifier, from one forward pass."""
+    mx = as_multi_exit(model)
+    deepest, features = forward_with_features(mx, inputs)
+    return torch.stack([*(mx.forward_exit(k, f) for k, f in enumerate(features)), deepest])
+
+
 def _subset(value: Any, keep: torch.Tensor, batch: int, k: int) -> Any:
     """``value`` (a hooked module's output or input tuple) with only the samples at the indices ``keep``."""
     if isinstance(value, torch.Tensor):

@@ -87,11 +87,15 @@ class ExitPolicy:
             'entropy' (answer when entropy <= threshold).
         info: Free-form metadata, e.g. the calibration target and its measured
             accuracy and cost on the calibration set.
+        ensemble_weights: The calibrated ensemble: one weight per classifier (``exit1`` ... the deepest),
+            fitted on the calibration data (:func:`~sd_plugin.core.ensemble.fit_ensemble_weights`); ``None``:
+            none fitted (BYOT's equal-weight ensemble is ``ensemble_logits(logits)`` without weights).
     """
 
     thresholds: List[Optional[float]]
     criterion: str = "max_prob"
     info: Dict[str, Any] = field(default_factory=dict)
+    ensemble_weights: Optional[List[float]] = None
 
     def __post_init__(self) -> None:
         _check_criterion(self.criterion)
@@ -106,6 +110,16 @@ class ExitPolicy:
             never = t is not None and math.isinf(t) and (t > 0) == (self.criterion == "max_prob")
             clean.append(None if t is None or never else float(t))
         self.thresholds = clean
+        if self.ensemble_weights is not None:
+            w = list(self.ensemble_weights)
+            if len(w) != len(clean) + 1 or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in w):
+                raise ValueError(
+                    f"ensemble_weights must hold one number per classifier ({len(clean) + 1}: every exit and the "
+                    f"deepest), got {self.ensemble_weights!r}."
+                )
+            if any(not math.isfinite(x) or x < 0 for x in w) or sum(w) <= 0:
+                raise ValueError(f"ensemble_weights must be finite, non-negative and not all zero, got {w}.")
+            self.ensemble_weights = [float(x) for x in w]
 
     @property
     def num_exits(self) -> int:
@@ -151,5 +165,8 @@ class ExitPolicy:
         if not isinstance(data, dict) or "thresholds" not in data:
             raise ValueError(f"{path} is not an exit policy file (no 'thresholds' key).")
         return cls(
-            thresholds=data["thresholds"], criterion=data.get("criterion", "max_prob"), info=data.get("info", {})
+            thresholds=data["thresholds"],
+            criterion=data.get("criterion", "max_prob"),
+            info=data.get("info", {}),
+            ensemble_weights=data.get("ensemble_weights"),
         )

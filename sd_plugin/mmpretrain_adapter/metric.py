@@ -41,13 +41,20 @@ class MultiExitAccuracy(BaseMetric):
     under the prefix (e.g. ``multi-exit/deepest_top1``, usable in
     ``CheckpointHook(save_best=...)``).
 
+    With a calibrated ensemble (weights fitted on held-out data, saved in an early-exit policy file by
+    ``calibrate``) it also reports ``calibrated_ensemble_top{n}``; ``ensemble_top{n}`` stays BYOT's equal-weight
+    ensemble.
+
     Args:
         topk: The k of top-k accuracy, an int or a sequence of ints.
         collect_device: Device to gather results on in distributed runs.
         prefix: Prefix of the metric names.
+        policy: Path of a policy JSON whose ``ensemble_weights`` give the calibrated ensemble.
+        ensemble_weights: The calibrated ensemble's weights themselves (one per exit, then the deepest).
 
     Example:
-        >>> val_evaluator = dict(type='MultiExitAccuracy', topk=(1, 5))
+        >>> val_evaluator = dict(type='sd_plugin.MultiExitAccuracy', topk=(1, 5))
+        >>> test_evaluator = dict(type='sd_plugin.MultiExitAccuracy', policy='work_dirs/policy.json')
     """
 
     default_prefix: Optional[str] = "multi-exit"
@@ -59,8 +66,19 @@ class MultiExitAccuracy(BaseMetric):
         topk: Union[int, Sequence[int]] = (1,),
         collect_device: str = "cpu",
         prefix: Optional[str] = None,
+        policy: Optional[str] = None,
+        ensemble_weights: Optional[Sequence[float]] = None,
     ) -> None:
         super().__init__(collect_device=collect_device, prefix=prefix)
+        if policy is not None and ensemble_weights is not None:
+            raise ValueError("give the calibrated ensemble once: policy='file.json' or ensemble_weights=[...].")
+        if policy is not None:
+            from ..deploy.policy import ExitPolicy
+
+            ensemble_weights = ExitPolicy.load(policy).ensemble_weights
+            if ensemble_weights is None:
+                raise ValueError(f"{policy} has no ensemble_weights: write it with sd_plugin.deploy.calibrate(...).")
+        self.ensemble_weights = None if ensemble_weights is None else [float(w) for w in ensemble_weights]
         ks = (topk,) if isinstance(topk, int) else tuple(topk)
         if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
             raise ValueError(f"topk must be a positive int or a sequence of them, got {topk!r}.")
@@ -86,10 +104,15 @@ class MultiExitAccuracy(BaseMetric):
         names = [f"exit{k}" for k in range(1, n_outputs)] + ["deepest"]
         # The library's ensemble of the log-probabilities: each differs from its logits by a per-sample constant,
         # so its softmax is the ensemble of the logits.
-        ensemble = ensemble_logits(scores.float().clamp_min(torch.finfo(torch.float32).tiny).log().transpose(0, 1))
-        per_output = [scores[:, i] for i in range(n_outputs)] + [ensemble]
+        log_scores = scores.float().clamp_min(torch.finfo(torch.float32).tiny).log().transpose(0, 1)
+        # probabilities: mmpretrain's Accuracy counts scores below its threshold (0) as no prediction
+        per_output = [scores[:, i] for i in range(n_outputs)] + [ensemble_logits(log_scores).exp()]
+        names = [*names, "ensemble"]
+        if self.ensemble_weights is not None:
+            per_output.append(ensemble_logits(log_scores, self.ensemble_weights).exp())
+            names.append("calibrated_ensemble")
         metrics: Dict[str, float] = {}
-        for name, pred in zip([*names, "ensemble"], per_output):
+        for name, pred in zip(names, per_output):
             accs = Accuracy.calculate(pred, target, topk=self.topk)
             for k, acc in zip(self.topk, accs):
                 metrics[f"{name}_top{k}"] = float(acc[0] if isinstance(acc, (list, tuple)) else acc)

@@ -200,3 +200,24 @@ def test_plain_checkpoint_loads_exits_start_fresh(pair: Any) -> None:
     assert not unexpected
     assert missing and all(k.startswith(("exit_necks.", "exit_heads.")) for k in missing)
     torch.testing.assert_close(fresh.head.fc.weight, plain.head.fc.weight)
+
+
+def test_multi_exit_accuracy_reports_the_calibrated_ensemble(tmp_path):
+    """By hand: 2 classifiers, 3 samples; equal weights get 1 of 3 right, weights [0, 1] (deepest) get 2."""
+    from sd_plugin.deploy import ExitPolicy
+    from sd_plugin.mmpretrain_adapter import MultiExitAccuracy
+
+    exit1 = torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.9, 0.1]])
+    deepest = torch.tensor([[0.4, 0.6], [0.4, 0.6], [0.6, 0.4]])
+    labels = [1, 1, 1]
+    results = [{"scores": torch.stack([exit1[i], deepest[i]]), "label": torch.tensor([labels[i]])} for i in range(3)]
+    ExitPolicy([None], ensemble_weights=[0.0, 1.0]).save(tmp_path / "policy.json")
+    metrics = MultiExitAccuracy(policy=str(tmp_path / "policy.json")).compute_metrics(results)
+    assert metrics["exit1_top1"] == pytest.approx(0.0) and metrics["deepest_top1"] == pytest.approx(200 / 3)
+    # equal weights: mean log-prob favours class 0 on every sample (log .9 + log .4 > log .1 + log .6)
+    assert metrics["ensemble_top1"] == pytest.approx(0.0)
+    assert metrics["calibrated_ensemble_top1"] == pytest.approx(200 / 3)
+    assert "calibrated_ensemble_top1" not in MultiExitAccuracy().compute_metrics(results)
+    with pytest.raises(ValueError, match="no ensemble_weights"):
+        ExitPolicy([None]).save(tmp_path / "bare.json")
+        MultiExitAccuracy(policy=str(tmp_path / "bare.json"))
