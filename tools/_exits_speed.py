@@ -1,4 +1,5 @@
-"""Wall-clock speed of early exit for ``tools/analyze_exits.py``: eager PyTorch and the ONNX cascade.
+"""Wall-clock speed of early exit, eager PyTorch and the ONNX cascade (research tooling; the package's
+``sd-plugin report --timing`` measures the eager figures alone).
 
 Every figure is a ratio of medians of interleaved runs on the same images: the
 deepest classifier (plain model) against early exit, at batch 1 and batch 32, in
@@ -7,22 +8,30 @@ cascade of :mod:`sd_plugin.deploy.onnx_cascade`). An A/A pair (the plain model
 timed twice under two names) gives the noise floor of the ratios. The ideal is
 the FLOPs-weighted speed-up for the measured exit shares: plain FLOPs over the
 average FLOPs spent per image (exits evaluated before the answering one included).
+
+Command line (the model and data options are ``sd-plugin report``'s; the policy comes from ``sd-plugin calibrate``)::
+
+    python -m tools._exits_speed CHECKPOINT [--config CFG] --policy policy.json --data ROOT --split test \
+        --max-samples 1024 --repeats 15 --b1-images 64 [--no-onnx] [--threads N] [--out speed.json]
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
 from sd_plugin.deploy import EarlyExitModel, ExitPolicy, export_onnx, truncate
 
-__all__ = ["interleaved", "measure_speed"]
+__all__ = ["interleaved", "measure_speed", "main"]
 
 
 def interleaved(fns: Mapping[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> Dict[str, List[float]]:
@@ -151,3 +160,57 @@ def measure_speed(
         out["onnx_speedup_b32"] = _ratio(times, "onnx_plain_b32", "onnx_cascade_b32")
         out["onnx_vs_eager_plain_b32"] = _ratio(times, "plain_b32", "onnx_plain_b32")
     return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """Measure one policy on a checkpoint's test images; print (and optionally write) the figures as JSON."""
+    from sd_plugin.cli._data import add_data_args, data_spec
+    from sd_plugin.cli._load import add_model_args, add_progress_arg, load_model
+    from sd_plugin.cli.calibrate import collect
+
+    p = argparse.ArgumentParser(prog="python -m tools._exits_speed", description=__doc__.splitlines()[0])
+    add_model_args(p)
+    add_data_args(p, split="test", what="test images, timed")
+    p.add_argument("--policy", required=True, help="ExitPolicy JSON (sd-plugin calibrate)")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds (medians)")
+    p.add_argument("--b1-images", type=int, default=64, help="images timed one by one")
+    p.add_argument("--no-onnx", action="store_true", help="eager PyTorch only")
+    p.add_argument("--threads", type=int, default=0, help="torch and ONNX Runtime threads (0: their defaults)")
+    p.add_argument("--out", help="JSON file to write")
+    add_progress_arg(p)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    loaded = load_model(args)
+    spec = data_spec(args)
+    _, images = collect(loaded, spec, "test images", not args.no_progress, keep=spec.max_samples or 1 << 30)
+    speed = measure_speed(
+        loaded.model,
+        ExitPolicy.load(args.policy),
+        images,
+        repeats=args.repeats,
+        num_singles=args.b1_images,
+        onnx=not args.no_onnx,
+        threads=args.threads,
+    )
+    result = {
+        "model": loaded.name,
+        "checkpoint": args.checkpoint,
+        "policy": args.policy,
+        "data": spec.describe(),
+        "torch_threads": torch.get_num_threads(),
+        **speed,
+        "command": " ".join(["python -m tools._exits_speed", *(argv if argv is not None else sys.argv[1:])]),
+    }
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        from sd_plugin._io import atomic_write
+
+        with atomic_write(args.out, "w") as f:
+            f.write(text + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

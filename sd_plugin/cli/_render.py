@@ -1,0 +1,132 @@
+"""The per-exit report as Markdown tables and a plot (matplotlib, when installed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+__all__ = ["markdown", "plot"]
+
+MEGA = 1e6
+PLOT_SIZE = (6, 4)
+PLOT_DPI = 110
+
+
+def _num(value: Optional[float], fmt: str, scale: float = 1.0) -> str:
+    return "-" if value is None else format(value / scale, fmt)
+
+
+def _exit_table(report: Dict[str, Any]) -> List[str]:
+    timed = "timing" in report
+    head = "| exit | top-1 | top-5 | params (M) | MFLOPs | FLOPs % |" + (
+        " latency b1 (ms) | latency b32 (ms) |" * timed
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in report["exits"]:
+        frac = None if r["flops_fraction"] is None else 100 * r["flops_fraction"]
+        line = (
+            f"| {r['exit']} | {r['top1']:.2f} | {r['top5']:.2f} | {r['params'] / MEGA:.3f} | "
+            f"{_num(r['flops'], '.1f', MEGA)} | {_num(frac, '.1f')} |"
+        )
+        if timed:
+            line += f" {r['latency_b1_ms']:.2f} | {r['latency_b32_ms']:.1f} |"
+        lines.append(line)
+    return lines
+
+
+def _points_table(report: Dict[str, Any]) -> List[str]:
+    timed = "timing" in report
+    head = "| max drop | thresholds | top-1 (deepest) | exit shares | avg MFLOPs (% of plain) | FLOPs-ideal |"
+    head += " speed-up b1 (A/A) | speed-up b32 (A/A) |" * timed
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    plain = report["exits"][-2]["flops"]
+    for p in report["operating_points"]:
+        if "error" in p:
+            lines.append(f"| {p['max_drop']} | not reached: {p['error']} |")
+            continue
+        h = p["test"]
+        ts = ", ".join("-" if t is None else f"{t:.3f}" for t in p["thresholds"])
+        shares = ", ".join(f"{100 * s:.0f}%" for s in h["exit_share"].values())
+        cost = "-" if h["flops"] is None else f"{h['flops'] / MEGA:.1f} ({100 * h['flops'] / plain:.0f}%)"
+        line = (
+            f"| {p['max_drop']} | {ts} | {h['top1']:.2f} ({h['deepest_top1']:.2f}) | {shares} | {cost} | "
+            f"{_num(p['ideal_speedup'], '.2f')}x |"
+        )
+        if timed:
+            line += f" {p['speedup_b1']:.2f}x ({p['aa_b1']:.2f}) | {p['speedup_b32']:.2f}x ({p['aa_b32']:.2f}) |"
+        lines.append(line)
+    return lines
+
+
+def markdown(report: Dict[str, Any]) -> str:
+    """The report's tables: one row per exit (and the ensemble), then the calibrated operating points."""
+    lines = [f"## Exits of `{report['model']}` ({report['num_samples']} images of {report['data']})", ""]
+    lines += _exit_table(report)
+    lines += ["", f"ensemble: {report['ensemble']}."]
+    if not report["flops_counted"]:
+        lines.append("FLOPs not counted: mmengine's FlopAnalyzer is not installed (pip install mmengine).")
+    if "timing" in report:
+        t = report["timing"]
+        lines.append(
+            f"Latency: medians of {t['repeats']} interleaved rounds on {t['device']} ({t['torch_threads']} torch "
+            f"threads); batch 1 is the time per image over {t['b1_images']} images timed one by one."
+        )
+    fit = report.get("calibrated_ensemble")
+    if fit is not None:
+        weights = ", ".join(f"{w:.3f}" for w in fit["weights"])
+        lines.append(
+            f"Calibrated ensemble (weights fitted on the calibration images; {fit['chosen']} chosen by cross-"
+            f"validation): top-1 {fit['top1']:.2f}, top-5 {fit['top5']:.2f}, weights {weights}."
+        )
+    if report["operating_points"]:
+        lines += [
+            "",
+            f"Early exit, thresholds calibrated on {report['calib_data']} ({report['calib_samples']} images), every "
+            f"figure below measured on the test images ({report['num_samples']}); calibration method: "
+            f"{report['calib_method']}:",
+            "",
+        ]
+        lines += _points_table(report)
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: Dict[str, Any], path: Path) -> Optional[str]:
+    """Accuracy against FLOPs per exit, the ensemble, the threshold sweep and the operating points.
+
+    Returns ``None`` when written, else why not (no matplotlib, no FLOPs).
+    """
+    try:
+        import matplotlib
+    except ImportError:
+        return "matplotlib is not installed: pip install 'sd-plugin[analysis]'"
+    if not report["flops_counted"]:
+        return "FLOPs were not counted: pip install mmengine"
+    from .._io import atomic_write_path
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=PLOT_SIZE)
+    rows = [r for r in report["exits"] if r["number"] is not None]
+    ax.plot([r["flops"] / MEGA for r in rows], [r["top1"] for r in rows], "o-", label="single exit")
+    for r in rows:
+        ax.annotate(r["exit"], (r["flops"] / MEGA, r["top1"]), textcoords="offset points", xytext=(4, -10))
+    ens = report["exits"][-1]
+    ax.plot([ens["flops"] / MEGA], [ens["top1"]], "s", label="ensemble")
+    curve = report["early_exit_curve"]
+    ax.plot([c["cost"] / MEGA for c in curve], [c["top1"] for c in curve], ".--", label="early exit (threshold sweep)")
+    for p in report["operating_points"]:
+        if "error" in p:
+            continue
+        h = p["test"]
+        ax.plot([h["flops"] / MEGA], [h["top1"]], "*", ms=12, label=f"calibrated, max drop {p['max_drop']} (test)")
+    ax.set_xlabel("MFLOPs per image (average for early exit)")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title(f"{report['model']}: accuracy vs compute per exit")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_write_path(path) as tmp:
+        fig.savefig(tmp, dpi=PLOT_DPI, format="png")
+    plt.close(fig)
+    return None
