@@ -1,10 +1,11 @@
 # Front door: `make demo` sets up and trains the demo; `make test` sets up and runs every check CI runs.
+# `make docs` builds the documentation site into site/ (strict: a broken link or reference fails).
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PINS := torch==2.14.1 torchvision==0.29.1 setuptools==80.10.2 timm==1.0.31 mmengine==0.10.7 mmcv-lite==2.2.0 mmpretrain==1.2.0
 
-.PHONY: setup demo lint test test-fast clean
+.PHONY: setup demo lint docs test test-fast clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,11 +23,14 @@ lint: setup
 	$(BIN)/ruff format --check sd_plugin tools tests
 	$(BIN)/mypy
 
-test: lint
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
+test: lint docs
 	$(BIN)/python -m pytest
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow"
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info work_dirs
+	rm -rf $(VENV) build dist *.egg-info work_dirs site

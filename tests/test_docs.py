@@ -1,6 +1,7 @@
-"""The configuration reference is generated from the code and must not drift."""
+"""The docs: the configuration reference must not drift; user docs stay short and free of run history."""
 
 import importlib.util
+import re
 import sys
 from pathlib import Path
 
@@ -63,3 +64,51 @@ def test_args_parser_reads_multiline_entries():
         Nothing.
     """
     assert gen.parse_args_section(doc) == {"first": "Line one continues here.", "second": "Other."}
+
+
+# The user documentation: short README, no development history, a site page for every topic.
+USER_DOCS = ["README.md", "DEVELOPERS.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))]
+HISTORY = {
+    "a date": r"\b20\d\d-\d\d-\d\d\b",
+    "a UTC time": r"\bUTC\b",
+    "a commit hash": r"\b(?=[0-9a-f]*[a-f])(?=[0-9a-f]*[0-9])[0-9a-f]{7,40}\b",
+    "session or issue talk": r"\b(?:this|the|earlier|previous) sessions?\b|\bissues? #?\d+\b",
+    "a machine-load remark": r"\b(?:machine|cores?) (?:was |were )?(?:loaded|busy|quiet)\b|\bload average\b",
+}
+
+
+def test_readme_is_short():
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) <= 250, f"README.md has {len(lines)} lines; move details to docs/"
+
+
+@pytest.mark.parametrize("path", USER_DOCS)
+def test_user_docs_carry_no_history(path):
+    """Dates, commit hashes and run history belong in the generated result pages (docs/results/), not here."""
+    text = (ROOT / path).read_text()
+    for what, pattern in HISTORY.items():
+        found = re.search(pattern, text, re.I if what != "a commit hash" else 0)
+        assert not found, f"{path} has {what}: {found.group(0)!r}"
+
+
+def test_docs_site_has_a_page_for_every_topic():
+    site = (ROOT / "mkdocs.yml").read_text()
+    pages = [
+        "index",
+        "getting-started",
+        "mmpretrain",
+        "timm",
+        "exits",
+        "methods",
+        "results",
+        "coverage",
+        "reliability",
+        "errors",
+        "configuration",
+        "design",
+        "api",
+    ]
+    for page in pages:
+        assert (ROOT / "docs" / f"{page}.md").is_file(), f"docs/{page}.md is missing"
+        assert re.search(rf":\s*{page}\.md\s*$", site, re.M), f"docs/{page}.md is not in mkdocs.yml's nav"
+    assert "mkdocstrings" in site and "strict: true" in site
