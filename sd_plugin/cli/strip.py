@@ -69,14 +69,14 @@ def _strip_timm(ckpt: Mapping[str, Any], meta: Dict[str, Any]) -> Dict[str, Any]
 def run(args: argparse.Namespace) -> int:
     from .._io import atomic_save
     from ..deploy import strip_checkpoint
-    from ..deploy.strip import _check_mm
+    from ..deploy.strip import check_against_config
 
     ckpt = read_checkpoint(args.src, "src")
     meta = _timm_meta(args, ckpt)
     stripped = _strip_timm(ckpt, meta) if meta else strip_checkpoint(ckpt)
     checked = []
     if not args.no_check and args.check_config:
-        _check_mm(stripped, args.check_config)
+        check_against_config(stripped, args.check_config)
         checked.append(args.check_config)
     if not args.no_check and meta:
         if not meta["num_classes"]:

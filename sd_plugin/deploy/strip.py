@@ -4,16 +4,12 @@ The deepest classifier *is* the original model, so stripping only drops the exit
 weights. Which keys those are, each adapter model declares in its class attribute
 ``exit_state_prefixes`` (timm's ``SelfDistillModel``: ``sd_exits.``; MMPretrain's
 ``SelfDistillClassifier``: its exit necks, exit heads and distillation loss); a
-checkpoint file is stripped of the prefixes of every adapter installed.
-
-Command line::
-
-    python -m sd_plugin.deploy.strip IN.pth OUT.pth [--check-config ORIGINAL_CFG.py]
+checkpoint file is stripped of the prefixes of every adapter installed. On the command line:
+``sd-plugin strip IN.pth OUT.pth [--check-config ORIGINAL_CFG.py]``.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib
 from collections import OrderedDict
 from pathlib import Path
@@ -24,7 +20,7 @@ import torch.nn as nn
 from .._io import atomic_save
 from .._safe_globals import load_checkpoint_file
 
-__all__ = ["exit_state_prefixes", "strip_state_dict", "strip_checkpoint", "plain_state_dict", "main"]
+__all__ = ["exit_state_prefixes", "strip_state_dict", "strip_checkpoint", "plain_state_dict", "check_against_config"]
 
 _ADAPTER_MODELS = (
     ("sd_plugin.timm_adapter.model", "SelfDistillModel"),
@@ -111,32 +107,15 @@ def strip_checkpoint(
     return out
 
 
-def _check_mm(stripped: Mapping[str, Any], config: str) -> None:
+def check_against_config(stripped: Mapping[str, Any], config: str) -> None:
+    """Build the original MMPretrain ``config`` (without sd_plugin) and load ``stripped`` into it strictly."""
     from mmengine.config import Config
     from mmpretrain.registry import MODELS
 
     import sd_plugin  # noqa: F401  (registers the components the config may name)
 
     cfg = Config.fromfile(config)
-    if cfg.model.get("type") == "SelfDistillClassifier":
-        raise ValueError(f"{config} builds a SelfDistillClassifier; give the original config, without the two lines.")
+    if str(cfg.model.get("type", "")).endswith("SelfDistillClassifier"):
+        raise ValueError(f"{config} builds a SelfDistillClassifier; give your original config, without sd_plugin.")
     model = MODELS.build(cfg.model)
     model.load_state_dict(stripped.get("state_dict", stripped), strict=True)
-
-
-def main(argv: Optional[List[str]] = None) -> None:
-    """``python -m sd_plugin.deploy.strip IN OUT [--check-config CFG]``."""
-    parser = argparse.ArgumentParser(prog="python -m sd_plugin.deploy.strip", description=__doc__.splitlines()[0])
-    parser.add_argument("src", help="self-distillation checkpoint (.pth)")
-    parser.add_argument("dst", help="stripped checkpoint to write")
-    parser.add_argument("--check-config", help="original MMPretrain config: build it and load OUT with strict=True")
-    args = parser.parse_args(argv)
-    stripped = strip_checkpoint(args.src, args.dst)
-    if args.check_config:
-        _check_mm(stripped, args.check_config)
-    n = len(stripped.get("state_dict", stripped))
-    print(f"wrote {args.dst}: {n} tensors" + (" (strict load checked)" if args.check_config else ""))
-
-
-if __name__ == "__main__":
-    main()

@@ -9,7 +9,7 @@ pytest.importorskip("mmpretrain")
 from mmpretrain.registry import HOOKS, MODELS  # noqa: E402
 
 import sd_plugin  # noqa: E402, F401  (registers SelfDistillClassifier)
-from sd_plugin.deploy.strip import main as strip_main  # noqa: E402
+from sd_plugin.cli import main as cli_main  # noqa: E402
 from sd_plugin.mmpretrain_adapter.save_stripped_checkpoint_hook import SaveStrippedCheckpointHook  # noqa: E402
 
 pytestmark = pytest.mark.mmpretrain
@@ -62,7 +62,9 @@ def test_strip_round_trip_strict(name, tmp_path):
     )
     cfg = tmp_path / "plain_cfg.py"
     cfg.write_text(f"model = dict(type='ImageClassifier', **{CONFIGS[name]!r})\n")
-    strip_main([str(tmp_path / "epoch_2.pth"), str(tmp_path / "plain.pth"), "--check-config", str(cfg)])
+    assert (
+        cli_main(["strip", str(tmp_path / "epoch_2.pth"), str(tmp_path / "plain.pth"), "--check-config", str(cfg)]) == 0
+    )
     ckpt = torch.load(tmp_path / "plain.pth", weights_only=True)
     assert set(ckpt) == {"meta", "state_dict"} and ckpt["meta"]["dataset_meta"]["classes"] == list("abcde")
     plain = _plain(name)

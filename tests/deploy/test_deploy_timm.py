@@ -4,11 +4,11 @@ from deploy_toy import check_truncation_and_early_exit
 
 timm = pytest.importorskip("timm")
 import sd_plugin  # noqa: E402
+from sd_plugin.cli import main as cli_main  # noqa: E402
 from sd_plugin.deploy import (  # noqa: E402
     plain_state_dict,
     strip_checkpoint,
 )
-from sd_plugin.deploy.strip import main as strip_main  # noqa: E402
 
 pytestmark = pytest.mark.timm
 
@@ -37,7 +37,7 @@ def test_strip_round_trip_strict(name, tmp_path):
     model = _trained_like(name)
     x = torch.randn(2, 3, 32, 32)
     torch.save({"state_dict": model.state_dict(), "meta": {"epoch": 3}}, tmp_path / "sd.pth")
-    strip_main([str(tmp_path / "sd.pth"), str(tmp_path / "plain.pth")])
+    assert cli_main(["strip", str(tmp_path / "sd.pth"), str(tmp_path / "plain.pth")]) == 0
     ckpt = torch.load(tmp_path / "plain.pth", weights_only=True)
     assert ckpt["meta"]["epoch"] == 3 and ckpt["meta"]["sd_plugin_stripped"]
     plain = MODELS[name]().eval()
