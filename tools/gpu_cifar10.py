@@ -34,6 +34,7 @@ from PIL import Image
 
 import sd_plugin
 from sd_plugin.core.ensemble import ensemble_logits
+from sd_plugin.core.naming import exit_names
 from sd_plugin.deploy import all_exit_logits
 
 ARMS = {"ce": (False, 0.0), "ls": (False, 0.1), "byot": (True, 0.0), "byot+ls": (True, 0.1)}
@@ -141,8 +142,8 @@ def evaluate(model: nn.Module, exits: bool, test: Any, norm: Any, autocast: Any,
     acc = lambda lg: round(float((lg.argmax(-1) == y_test).float().mean()) * 100, 2)  # noqa: E731
     if not exits:
         return {"deepest": acc(z[0])}
-    out = {f"exit{k + 1}": acc(z[k]) for k in range(z.shape[0] - 1)}
-    return {**out, "deepest": acc(z[-1]), "ensemble": acc(ensemble_logits(z))}
+    out = {name: acc(lg) for name, lg in zip(exit_names(z.shape[0] - 1), z)}
+    return {**out, "ensemble": acc(ensemble_logits(z))}
 
 
 def write(results: List[Dict[str, Any]], args: argparse.Namespace, device_name: str) -> None:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from .config import HINT_FORMS, SelfDistillConfig
 from .methods import PastPredictions, class_pair_kd, pskd_alpha_at, pskd_term, tfkd_reg_term
+from .naming import exit_name
 from .outputs import SelfDistillOutput
 
 __all__ = [
@@ -211,10 +212,11 @@ def self_distill_losses(
     losses.update(method_terms)
     teacher_logits = output.logits.detach()
     teacher_features = output.features.detach()
-    for k, (logits, feats, exit_ce) in enumerate(zip(output.exit_logits, output.exit_features, exit_ce_fns), 1):
-        losses[f"exit{k}_loss_ce"] = config.ce_weight * exit_ce(logits, target)
-        losses[f"exit{k}_loss_kd"] = config.kd_weight * kd_fn(logits, teacher_logits, config.temperature)
-        losses[f"exit{k}_loss_hint"] = config.hint_weight * feature_hint(feats, teacher_features, config.hint_form)
+    for k, (logits, feats, exit_ce) in enumerate(zip(output.exit_logits, output.exit_features, exit_ce_fns)):
+        name = exit_name(k, output.num_exits)
+        losses[f"{name}_loss_ce"] = config.ce_weight * exit_ce(logits, target)
+        losses[f"{name}_loss_kd"] = config.kd_weight * kd_fn(logits, teacher_logits, config.temperature)
+        losses[f"{name}_loss_hint"] = config.hint_weight * feature_hint(feats, teacher_features, config.hint_form)
     return losses
 
 

@@ -27,8 +27,8 @@ import torch
 import torch.nn as nn
 
 from ..core.ensemble import fit_ensemble_weights
+from ..core.naming import exit_names
 from . import _risk
-from ._numbering import exit_names
 from .early_exit import all_exit_logits, as_multi_exit, single_label
 from .policy import ExitPolicy, confidence_scores
 

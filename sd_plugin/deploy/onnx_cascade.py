@@ -34,6 +34,7 @@ import torch.nn as nn
 
 from .._io import atomic_write, atomic_write_path
 from ..core import MultiExitModel, StopForward
+from ..core.naming import exit_name
 from .early_exit import as_multi_exit, intercepting
 from .policy import ExitPolicy
 
@@ -160,8 +161,8 @@ def export_cascade(
         segments.append((f"segment{i}.onnx", x, y))
         if stop is not None:
             ex = _Exit(model, stop).eval()
-            _export(ex, y, out / f"exit{stop + 1}.onnx", opset_version)
-            exits.append((f"exit{stop + 1}.onnx", y, ex(y)))
+            _export(ex, y, out / f"{exit_name(stop, e)}.onnx", opset_version)
+            exits.append((f"{exit_name(stop, e)}.onnx", y, ex(y)))
         x = y
     manifest = {
         "format": MANIFEST_FORMAT,

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from ..core import MultiExitModel, StopForward
-from ._numbering import ExitRef, exit_name, resolve_exit
+from ..core.naming import ExitRef, exit_name, resolve_exit
 from ._trace import modules_run, replace_with_identity, unused_subtrees
 from .early_exit import as_multi_exit, intercepting
 

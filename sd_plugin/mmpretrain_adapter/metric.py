@@ -9,6 +9,7 @@ from mmengine.evaluator import BaseMetric
 from mmpretrain.evaluation.metrics import Accuracy
 
 from ..core.ensemble import ensemble_logits
+from ..core.naming import exit_names
 from ..registry import METRICS
 from ._early_exit_infer import request_exit_scores
 from .classifier import EXIT_SCORES
@@ -101,7 +102,7 @@ class MultiExitAccuracy(BaseMetric):
         scores = torch.stack([r["scores"] for r in results])  # (N, E + 1, C)
         target = torch.cat([r["label"] for r in results])
         n_outputs = scores.shape[1]
-        names = [f"exit{k}" for k in range(1, n_outputs)] + ["deepest"]
+        names = exit_names(n_outputs - 1)
         # The library's ensemble of the log-probabilities: each differs from its logits by a per-sample constant,
         # so its softmax is the ensemble of the logits.
         log_scores = scores.float().clamp_min(torch.finfo(torch.float32).tiny).log().transpose(0, 1)

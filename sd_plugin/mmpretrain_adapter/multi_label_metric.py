@@ -9,6 +9,7 @@ from mmengine.evaluator import BaseMetric
 from mmpretrain.evaluation.metrics import AveragePrecision
 from mmpretrain.structures import label_to_onehot
 
+from ..core.naming import exit_names
 from ..registry import METRICS
 from ._early_exit_infer import request_exit_scores
 from .metric import exit_scores_of
@@ -61,7 +62,7 @@ class MultiExitAveragePrecision(BaseMetric):
         if target.shape != (scores.shape[0], scores.shape[2]):
             raise ValueError(f"targets {tuple(target.shape)} do not fit scores {tuple(scores.shape)}.")
         n_outputs = scores.shape[1]
-        names = [f"exit{k}" for k in range(1, n_outputs)] + ["deepest"]
+        names = exit_names(n_outputs - 1)
         tiny = torch.finfo(torch.float32).tiny
         logits = scores.clamp_min(tiny).log() - (1 - scores).clamp_min(tiny).log()  # the sigmoid's inverse
         ensemble = logits.mean(dim=1).sigmoid()

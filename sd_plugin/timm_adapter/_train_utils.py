@@ -6,6 +6,7 @@ import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any, Callable, ContextManager, Dict, List, Optional, Tuple
 
 import torch
@@ -14,6 +15,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
 from ..core import SelfDistillOutput
+from ..core.naming import exit_names
 
 __all__ = [
     "DistInfo",
@@ -46,8 +48,15 @@ class DistInfo:
         return self.rank == 0
 
 
-def setup_distributed(device: str) -> DistInfo:
-    """Init torch DDP when launched by torchrun (gloo on CPU, nccl on CUDA); a single process otherwise."""
+def setup_distributed(device: str, timeout_s: Optional[float] = None) -> DistInfo:
+    """Init torch DDP when launched by torchrun (gloo on CPU, nccl on CUDA); a single process otherwise.
+
+    Args:
+        device: ``'cpu'`` or ``'cuda'``.
+        timeout_s: How long a collective waits for the other ranks before it fails (None: torch's default).
+    """
+    if timeout_s is not None and not timeout_s > 0:
+        raise ValueError(f"the distributed timeout must be a positive number of seconds, got {timeout_s}.")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     dev = torch.device(device)
     if world_size <= 1:
@@ -57,7 +66,8 @@ def setup_distributed(device: str) -> DistInfo:
         dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        timeout = None if timeout_s is None else timedelta(seconds=timeout_s)  # None: torch's default
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", timeout=timeout)
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), device=dev)
 
 
@@ -197,8 +207,7 @@ def evaluate(model: nn.Module, loader: DataLoader, info: DistInfo, amp: bool, wi
         with autocast(info.device, amp):
             if with_exits:
                 out: SelfDistillOutput = model.forward_train(x)  # type: ignore[operator]
-                preds = {f"exit{k}": lg for k, lg in enumerate(out.exit_logits, 1)}
-                preds["deepest"] = out.logits
+                preds = dict(zip(exit_names(out.num_exits), out.all_logits()))
                 preds["ensemble"] = out.ensemble_probs()
             else:
                 preds = {"deepest": model(x)}

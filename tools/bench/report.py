@@ -29,7 +29,7 @@ def exit_accuracies(metrics: Dict[str, float]) -> Dict[str, float]:
     out: Dict[str, float] = {}
     for key, value in metrics.items():
         low = key.lower()
-        if "top5" in low or "loss" in low or key == "epoch":
+        if "top5" in low or "loss" in low or "calibrated" in low or key == "epoch":
             continue
         if "ensemble" in low:
             out["ensemble"] = float(value)

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
+from sd_plugin.core.ensemble import ensemble_logits
 from tools.bench.arms import MIX_ALPHA, parse_arm
 from tools.bench.cost import TrainArm
 from tools.bench.data import DataSplits
@@ -168,10 +169,8 @@ def _evaluate(model: nn.Module, arm: str, loader: DataLoader) -> Dict[str, float
         return {"accuracy/top1": 100.0 * correct / total}
     data = collect_exit_logits(model, loader)
     top1 = data.top1().tolist()
-    out = {f"exit{k + 1}/top1": v for k, v in enumerate(top1[:-1])}
-    out["deepest/top1"] = top1[-1]
-    # Softmax of the mean logits of all exits and the deepest classifier (BYOT's ensemble, as ensemble_probs).
-    ensemble = data.logits.float().mean(dim=0).softmax(dim=-1)
+    out = {f"{name}/top1": v for name, v in zip(data.names, top1)}
+    ensemble = ensemble_logits(data.logits)  # the library's: BYOT's equal-weight mean of logits
     out["ensemble/top1"] = float((ensemble.argmax(dim=1) == data.targets).float().mean() * 100)
     return out
 

@@ -1,4 +1,4 @@
-"""Exit numbers of the user-facing deploy API: the training log's ``exit1`` (shallowest) ... ``deepest``.
+"""Exit names and numbers, one home for all: the training log's ``exit1`` (shallowest) ... ``deepest``.
 
 Internally (``MultiExitModel.exit_points[k]``, ``forward_exit(k, ...)``) exits are 0-based; users see
 ``exit = k + 1`` and the deepest classifier as ``num_exits + 1`` or ``'deepest'``.
