@@ -22,36 +22,16 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
 from sd_plugin.deploy import EarlyExitModel, ExitPolicy, export_onnx, truncate
+from sd_plugin.deploy._timing import interleaved_times
 
-__all__ = ["interleaved", "measure_speed", "main"]
-
-
-def interleaved(fns: Mapping[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> Dict[str, List[float]]:
-    """Seconds of each function per repeat, calling all of them in turn in every repeat (after ``warmup`` rounds).
-
-    The order rotates by one every round, so no function always runs right after the same other one (a thread pool
-    still busy from the previous call would slow the next one, every round).
-    """
-    times: Dict[str, List[float]] = {name: [] for name in fns}
-    names = list(fns)
-    with torch.inference_mode():
-        for r in range(warmup + repeats):
-            shift = r % len(names)
-            for name in names[shift:] + names[:shift]:
-                fn = fns[name]
-                start = time.perf_counter()
-                fn()
-                if r >= warmup:
-                    times[name].append(time.perf_counter() - start)
-    return times
+__all__ = ["measure_speed", "main"]
 
 
 def _ratio(times: Dict[str, List[float]], num: str, den: str) -> float:
@@ -137,7 +117,8 @@ def measure_speed(
             }
         )
     try:
-        times = interleaved(fns, repeats)
+        with torch.inference_mode():
+            times = interleaved_times({n: (lambda _i, f=f: f()) for n, f in fns.items()}, repeats)
     finally:
         if tmp is not None:
             tmp.cleanup()

@@ -1,4 +1,9 @@
-"""Wall-clock timing for the per-exit report: warm-up first, interleaved repeats, medians."""
+"""Wall-clock timing, one helper for the report, the benchmarks and the soak test: interleaved rounds, medians.
+
+Shared machines drift (other jobs, frequency scaling), so functions compared with each other are called in turn
+within every round, and the order alternates (ABBA: forward on even rounds, reversed on odd ones) so no function
+always runs right after the same other one.
+"""
 
 from __future__ import annotations
 
@@ -8,27 +13,44 @@ from typing import Callable, Dict, List, Mapping
 
 import torch
 
-__all__ = ["interleaved_medians"]
+__all__ = ["interleaved_times", "medians", "interleaved_medians"]
+
+
+def interleaved_times(
+    fns: Mapping[str, Callable[[int], object]], rounds: int, warmup: int = 1
+) -> Dict[str, List[float]]:
+    """Seconds of every call of each function, ``rounds`` measured rounds after ``warmup`` unmeasured ones.
+
+    Args:
+        fns: Named callables taking the round index (e.g. to pick that round's batch, the same for every function).
+        rounds: Measured rounds; each calls every function once.
+        warmup: Unmeasured rounds first.
+    """
+    if rounds < 1 or warmup < 0:
+        raise ValueError(f"need rounds >= 1 and warmup >= 0, got rounds={rounds}, warmup={warmup}.")
+    names = list(fns)
+    times: Dict[str, List[float]] = {name: [] for name in names}
+    for i in range(warmup + rounds):
+        for name in names if i % 2 == 0 else reversed(names):
+            start = time.perf_counter()
+            fns[name](i)
+            elapsed = time.perf_counter() - start
+            if i >= warmup:
+                times[name].append(elapsed)
+    return times
+
+
+def medians(times: Mapping[str, List[float]]) -> Dict[str, float]:
+    """The median of each function's times."""
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def interleaved_medians(fns: Mapping[str, Callable[[], object]], repeats: int = 5, warmup: int = 1) -> Dict[str, float]:
-    """Median seconds of each function, calling them in turn in every repeat (noisy machines drift).
-
-    Args:
-        fns: Named zero-argument callables (each runs one measured unit of work).
-        repeats: Timed rounds; each round calls every function once.
-        warmup: Untimed rounds first.
-    """
+    """Median seconds of each zero-argument function under ``torch.inference_mode`` (see :func:`interleaved_times`)."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}.")
-    times: Dict[str, List[float]] = {name: [] for name in fns}
+    def ignore_round(fn: Callable[[], object]) -> Callable[[int], object]:
+        return lambda _round: fn()
+
     with torch.inference_mode():
-        for _ in range(warmup):
-            for fn in fns.values():
-                fn()
-        for _ in range(repeats):
-            for name, fn in fns.items():
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+        return medians(interleaved_times({n: ignore_round(f) for n, f in fns.items()}, repeats, warmup))

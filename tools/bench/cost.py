@@ -29,7 +29,6 @@ import importlib
 import multiprocessing as mp
 import resource
 import statistics
-import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
+
+from sd_plugin.deploy import _timing
 
 __all__ = ["TrainArm", "interleaved_times", "probe_peak_memory", "exit_flops", "flops_of", "summarise_pairs"]
 
@@ -60,10 +61,6 @@ class TrainArm:
     optimizer: Any = None
 
 
-def _abba(i: int, arms: Sequence[TrainArm]) -> List[TrainArm]:
-    return list(arms) if i % 2 == 0 else list(reversed(arms))
-
-
 def interleaved_times(
     arms: Sequence[TrainArm],
     batches: Sequence[Any],
@@ -71,7 +68,7 @@ def interleaved_times(
     warmup: int,
     mode: str,
 ) -> Dict[str, List[float]]:
-    """Seconds per call of every arm, alternating arms in ABBA order on identical batches.
+    """Seconds per call of every arm, alternating arms in ABBA order on identical batches (sd_plugin's timer).
 
     Args:
         arms: The arms to compare (usually plain and sd).
@@ -82,24 +79,14 @@ def interleaved_times(
     """
     if mode not in ("train", "infer"):
         raise ValueError(f"mode must be 'train' or 'infer', got {mode!r}.")
-    if rounds < 1 or warmup < 0:
-        raise ValueError(f"need rounds >= 1 and warmup >= 0, got rounds={rounds}, warmup={warmup}.")
     if not batches:
         raise ValueError("no batches to time.")
-    times: Dict[str, List[float]] = {a.name: [] for a in arms}
     for arm in arms:
         arm.model.train(mode == "train")
-    for i in range(warmup + rounds):
-        batch = batches[i % len(batches)]
-        for arm in _abba(i, arms):
-            fn = arm.step if mode == "train" else arm.infer
-            with torch.set_grad_enabled(mode == "train"):
-                start = time.perf_counter()
-                fn(batch)
-                elapsed = time.perf_counter() - start
-            if i >= warmup:
-                times[arm.name].append(elapsed)
-    return times
+    calls = {a.name: (a.step if mode == "train" else a.infer) for a in arms}
+    fns = {name: (lambda i, fn=fn: fn(batches[i % len(batches)])) for name, fn in calls.items()}
+    with torch.set_grad_enabled(mode == "train"):
+        return _timing.interleaved_times(fns, rounds, warmup)
 
 
 def summarise_pairs(times: Dict[str, List[float]], num: str = "sd", den: str = "plain") -> Dict[str, float]:
