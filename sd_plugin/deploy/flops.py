@@ -9,8 +9,9 @@ FLOPs follow mmengine/fvcore's convention: one multiply-add counts as one.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Any, List, Sequence, cast
+from typing import Any, Callable, List, Sequence, cast
 
 import torch
 import torch.nn as nn
@@ -19,11 +20,11 @@ from ..core import MultiExitModel
 from .early_exit import as_multi_exit, forward_with_features
 from .truncate import TruncatedModel
 
-__all__ = ["ExitCosts", "exit_costs", "count_flops"]
+__all__ = ["ExitCosts", "exit_costs", "count_flops", "count_call_flops"]
 
 
 def count_flops(module: nn.Module, *inputs: Any) -> tuple:
-    """(total, by_module) FLOPs of ``module(*inputs)`` with mmengine's ``FlopAnalyzer``."""
+    """(total, by_module) FLOPs of ``module(*inputs)`` with mmengine's ``FlopAnalyzer`` (one multiply-add = 1)."""
     from mmengine.analysis import FlopAnalyzer
 
     analyzer = FlopAnalyzer(module, inputs)
@@ -34,16 +35,20 @@ def count_flops(module: nn.Module, *inputs: Any) -> tuple:
 
 
 class _Call(nn.Module):
-    """``fn_name`` of ``model`` as a module forward, for the FLOP counter."""
+    """``fn(x)`` as the forward of a module holding ``model`` (so the counter names ``model.<submodule>``)."""
 
-    def __init__(self, model: nn.Module, fn_name: str, *extra: Any) -> None:
+    def __init__(self, model: nn.Module, fn: Callable[[torch.Tensor], Any]) -> None:
         super().__init__()
         self.model = model
-        self.fn_name = fn_name
-        self.extra = extra
+        self.fn = fn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return cast(torch.Tensor, getattr(self.model, self.fn_name)(*self.extra, x))
+        return cast(torch.Tensor, self.fn(x))
+
+
+def count_call_flops(model: nn.Module, fn: Callable[[torch.Tensor], Any], x: torch.Tensor) -> tuple:
+    """(total, by_module) FLOPs of ``fn(x)``, a method or closure over ``model`` (module names ``model.<name>``)."""
+    return count_flops(_Call(model, fn), x)
 
 
 @dataclass
@@ -90,9 +95,9 @@ def exit_costs(model: nn.Module, example_input: torch.Tensor) -> ExitCosts:
     """
     mx: MultiExitModel = as_multi_exit(model)
     module = cast(nn.Module, model)
-    deepest_total, by_module = count_flops(_Call(module, "forward_deepest"), example_input)
+    deepest_total, by_module = count_call_flops(module, mx.forward_deepest, example_input)
     feats: Sequence[torch.Tensor] = forward_with_features(mx, example_input)[1]
-    exit_flops = [count_flops(_Call(module, "forward_exit", k), f)[0] for k, f in enumerate(feats)]
+    exit_flops = [count_call_flops(module, functools.partial(mx.forward_exit, k), f)[0] for k, f in enumerate(feats)]
     flops, params = [], []
     for k in range(mx.num_exits + 1):
         trunc = TruncatedModel(module, example_input=example_input, exit=k + 1)

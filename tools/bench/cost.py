@@ -24,6 +24,7 @@ Method (route-agnostic; the routes build the arms):
 
 from __future__ import annotations
 
+import functools
 import gc
 import importlib
 import multiprocessing as mp
@@ -38,6 +39,7 @@ import torch
 import torch.nn as nn
 
 from sd_plugin.deploy import _timing
+from sd_plugin.deploy.flops import count_call_flops
 
 __all__ = ["TrainArm", "interleaved_times", "probe_peak_memory", "exit_flops", "flops_of", "summarise_pairs"]
 
@@ -168,35 +170,14 @@ def probe_peak_memory(
         return dict(pool.submit(_memory_child, route, spec, arm, num_batches, steps).result())
 
 
-class _Call(nn.Module):
-    """Traceable wrapper around a function of one tensor (keeps the owning model registered)."""
-
-    def __init__(self, owner: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        super().__init__()
-        self.owner = owner
-        self.fn = fn
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fn(x)
-
-
-def _flops(module: nn.Module, x: torch.Tensor) -> int:
-    from mmengine.analysis import FlopAnalyzer
-
-    analyzer = FlopAnalyzer(module, (x,))
-    analyzer.unsupported_ops_warnings(False)
-    analyzer.uncalled_modules_warnings(False)
-    return int(analyzer.total())
-
-
 def flops_of(model: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> int:
-    """Forward FLOPs of ``forward(x)`` (eval mode, no grad), the whole batch."""
+    """Forward FLOPs of ``forward(x)`` (eval mode, no grad), the whole batch (sd_plugin's FLOP counter)."""
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        total = _flops(_Call(model, forward), x)
+        total = count_call_flops(model, forward, x)[0]
     model.train(was_training)
-    return total
+    return int(total)
 
 
 def exit_flops(
@@ -210,7 +191,8 @@ def exit_flops(
         sd: The self-distillation model (``MultiExitModel``).
         x: A preprocessed input batch (N, 3, H, W); FLOPs are reported per image.
     """
-    from sd_plugin.core import FeatureTaps, MultiExitModel
+    from sd_plugin.core import MultiExitModel
+    from sd_plugin.deploy.early_exit import forward_with_features
 
     if not isinstance(sd, MultiExitModel):
         raise TypeError(f"{type(sd).__name__} does not implement sd_plugin.core.MultiExitModel.")
@@ -220,15 +202,10 @@ def exit_flops(
     sd.eval()
     n = x.shape[0]
     with torch.no_grad():
-        plain_f = _flops(_Call(plain, plain_forward), x)
-        deepest_f = _flops(_Call(sd, mx.forward_deepest), x)
-        with FeatureTaps(mx.tapped_module(), mx.exit_points) as taps:
-            mx.forward_deepest(x)
-        feats = taps.features
-        per_exit = [
-            _flops(_Call(sd, lambda f, k=k: mx.forward_exit(k, f)), feat)  # type: ignore[misc]
-            for k, feat in enumerate(feats)
-        ]
+        plain_f = count_call_flops(plain, plain_forward, x)[0]
+        deepest_f = count_call_flops(sd, mx.forward_deepest, x)[0]
+        feats = forward_with_features(mx, x)[1]
+        per_exit = [count_call_flops(sd, functools.partial(mx.forward_exit, k), f)[0] for k, f in enumerate(feats)]
     plain.train(was_training[0])
     sd.train(was_training[1])
     total = deepest_f + sum(per_exit)
