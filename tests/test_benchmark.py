@@ -261,3 +261,21 @@ def test_quick_run_writes_every_arm(route: str, arms: List[str], tmp_path: Path)
     for arm in arms:
         assert f"| {arm} |" in table
     assert table in proc.stdout  # the printed table is the saved one
+
+
+def test_calibration_subset_is_held_out_and_leaves_the_others_unchanged(tmp_path: Path) -> None:
+    root = tmp_path / "cifar"
+    for split, n in (("train", 30), ("test", 6)):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                (root / split / c / f"{i:04d}.jpg").write_bytes(b"")
+    plain = _bench_data.write_subsets(root, tmp_path / "p", 20, None)
+    with_calib = _bench_data.write_subsets(root, tmp_path / "c", 20, None, num_calib=10)
+    assert plain.train_ann.read_text() == with_calib.train_ann.read_text()
+    calib = (tmp_path / "c" / "calib_subset.txt").read_text().splitlines()
+    train = set(with_calib.train_ann.read_text().splitlines())
+    assert len(calib) == 10 and not set(calib) & train
+    assert sorted(line.split()[1] for line in calib) == ["0"] * 5 + ["1"] * 5
+    _bench_data.write_subsets(root, tmp_path / "x", 60, None, num_calib=10)  # nothing left: no calibration file
+    assert not (tmp_path / "x" / "calib_subset.txt").exists()

@@ -82,6 +82,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default 0 1; quick: 0)")
     p.add_argument("--epochs", type=_positive, default=15)
     p.add_argument("--train-images", type=_positive, default=10000, help="stratified train subset size")
+    p.add_argument(
+        "--calib-images",
+        type=int,
+        default=2000,
+        help="held-out training images listed in <work-dir>/data/calib_subset.txt for `sd-plugin report "
+        "--calib-ann` (skipped when the training set has too few left)",
+    )
     p.add_argument("--test-images", type=_positive, default=None, help="test subset size (default: all)")
     p.add_argument(
         "--val-images", type=_positive, default=2000, help="per-epoch validation subset of the test set (curves only)"
@@ -312,7 +319,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     route = importlib.import_module(ROUTES[args.route])
     try:
         splits = write_subsets(
-            args.data_root.expanduser(), args.work_dir / "data", args.train_images, args.test_images, args.val_images
+            args.data_root.expanduser(),
+            args.work_dir / "data",
+            args.train_images,
+            args.test_images,
+            args.val_images,
+            num_calib=args.calib_images,
         )
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -322,7 +334,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cost = None if args.no_cost else measure_cost(route, args, splits)
     wall = time.perf_counter() - start
     meta = {
-        "title": f"{args.route} route, {route.MODEL_DESCRIPTION.format(width=args.width)} on CIFAR-10",
+        "title": f"{args.route} route, {route.MODEL_DESCRIPTION.format(width=args.width)} on "
+        f"{args.data_root.expanduser().name}",
         "recipe": _recipe(args, splits, route, wall),
         "route": args.route,
         "argv": sys.argv[1:],

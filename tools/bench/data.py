@@ -108,6 +108,7 @@ def write_subsets(
     num_test: Optional[int],
     num_val: Optional[int] = None,
     subset_seed: int = 0,
+    num_calib: int = 0,
 ) -> DataSplits:
     """Write stratified train/val/test annotation files under ``out_dir`` (``None``: the whole split).
 
@@ -118,6 +119,9 @@ def write_subsets(
         num_test: Size of the test subset (reported top-1), or None for all of it.
         num_val: Size of the per-epoch validation subset, drawn from the test subset (None: the test subset).
         subset_seed: Seed of the draw (kept apart from the training seed).
+        num_calib: Also write ``calib_subset.txt``: a stratified draw of this many training images *not* in the
+            train subset (held out, for early-exit calibration and the calibrated ensemble: ``sd-plugin report
+            --calib-split train --calib-ann``); drawn last, so the other subsets do not depend on it.
     """
     for name, value in (("num_train", num_train), ("num_test", num_test), ("num_val", num_val)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
@@ -137,6 +141,16 @@ def write_subsets(
         c, name = rel.split("/", 1)
         test_files[c].append(name)
     rows["val"] = _stratified(test_files, num_val, rng)
+    if num_calib:
+        used = {rel for rel, _ in rows["train"]}
+        held: Dict[str, List[str]] = {c: [] for c in classes}
+        for c, names in _list_split(root, "train").items():
+            held[c] = [n for n in names if f"{c}/{n}" not in used]
+        if (
+            sum(len(v) for v in held.values()) >= num_calib
+            and min(len(v) for v in held.values()) * len(held) >= num_calib
+        ):
+            rows["calib"] = _stratified(held, num_calib, rng)
     for subset, items in rows.items():
         path = out_dir / f"{subset}_subset.txt"
         path.write_text("".join(f"{rel} {label}\n" for rel, label in items))
