@@ -49,6 +49,7 @@ def interleaved_medians(fns: Mapping[str, Callable[[], object]], repeats: int = 
     """Median seconds of each zero-argument function under ``torch.inference_mode`` (see :func:`interleaved_times`)."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}.")
+
     def ignore_round(fn: Callable[[], object]) -> Callable[[int], object]:
         return lambda _round: fn()
 
