@@ -5,7 +5,8 @@ create_optimizer_v2, create_scheduler_v2, Mixup); flags follow timm's train.py. 
 model with the same recipe. Prints a per-exit top-1 table every epoch and writes to ``--output``:
 ``checkpoint-last.pth`` (wrapped model with exits, optimizer, scheduler: for ``--resume``),
 ``model_plain.pth`` (the unwrapped timm state dict, loads strictly into ``timm.create_model``),
-``exits.pth`` (exit weights alone) and ``summary.json`` (per-epoch metrics and step times).
+``exits.pth`` (exit weights alone) with ``sd_plugin_config.json`` beside it (the exits' options:
+``sd_plugin.load_exits(model, OUTPUT)`` reloads them) and ``summary.json`` (per-epoch metrics and step times).
 
 Examples:
     python tools/train_timm.py demo_data/cifar10_mini --model resnet18 --img-size 32 --epochs 2 --output work_dirs/r18
@@ -82,6 +83,14 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="torchrun runs: a collective that waits this long for another rank fails and the job ends "
+        "(default: torch's, 30 min); set it above the longest step, validation or checkpoint save",
+    )
     p.add_argument("--output", default="work_dirs/train_timm")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     sd = p.add_argument_group("self-distillation (sd_plugin.SelfDistillConfig; BYOT defaults)")
@@ -229,7 +238,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _run(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
-    info = setup_distributed(args.device)
+    info = setup_distributed(args.device, args.dist_timeout)
     torch.manual_seed(args.seed + info.rank)
     os.makedirs(args.output, exist_ok=True)
 
@@ -364,7 +373,7 @@ def _save(
     plain = net if args.no_sd else sd_plugin.unwrap(net)
     atomic_save(plain.state_dict(), os.path.join(args.output, "model_plain.pth"))
     if not args.no_sd:
-        atomic_save(net.exits_state_dict(), os.path.join(args.output, "exits.pth"))  # type: ignore[operator]
+        net.save_exits(args.output, safe_serialization=False)  # type: ignore[operator] # exits.pth + its config
     with atomic_write(os.path.join(args.output, "summary.json"), "w") as f:
         json.dump(dict(args=vars(args), epochs=history), f, indent=1)
 

@@ -43,6 +43,8 @@ class TimmApiMixin:
         @property
         def exit_points(self) -> Sequence[Any]: ...
 
+        def _tap(self, classifier: bool) -> None: ...
+
     # unknown attributes ------------------------------------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
         """nn.Module's lookup (parameters, buffers, submodules), then the wrapped timm model's public attributes."""
@@ -113,21 +115,30 @@ class TimmApiMixin:
         return self.model.get_classifier()  # type: ignore[operator,no-any-return]
 
     def reset_classifier(self, num_classes: int, *args: Any, **kwargs: Any) -> None:
-        """timm's ``reset_classifier`` on the deepest classifier, and a fresh ``num_classes``-way classifier on
-        every exit (other arguments, e.g. ``global_pool``, go to the timm model)."""
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes <= 0:
+        """timm's ``reset_classifier`` on the deepest classifier, and the same number of classes on every exit.
+
+        ``num_classes >= 1``: every exit gets a fresh ``num_classes``-way classifier (its block is kept).
+        ``num_classes == 0``: as in timm, no classifier is left: in eval, ``forward`` returns what the timm model
+        returns (pooled features; unpooled after ``reset_classifier(0, '')``) and ``predict_exit=k`` exit ``k``'s
+        pooled features; training (which distils logits) raises until ``reset_classifier(n)`` gives them back.
+        Other arguments (``global_pool``) go to the timm model.
+        """
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
             raise ValueError(
-                f"reset_classifier({num_classes!r}): a wrapped model needs a classifier (num_classes >= 1) as its "
-                "deepest exit. For a feature extractor, call it on the plain model: sd_plugin.unwrap(model)."
+                f"reset_classifier({num_classes!r}): num_classes must be an int >= 0 (0 removes the classifiers, "
+                "as in timm)."
             )
-        self.model.reset_classifier(num_classes, *args, **kwargs)  # type: ignore[operator]
-        for branch in self.sd_exits:
-            old: Any = branch.fc
-            branch.fc = nn.Linear(old.in_features, num_classes, device=old.weight.device, dtype=old.weight.dtype)
-        self.num_classes = num_classes
         engine = getattr(self, "exit_engine", None)
-        if engine is not None:  # the new classifier module needs the tap on its input (the teacher features)
-            engine.install()
+        if engine is not None:
+            engine.remove()  # now: timm may drop the classifier module its tap sits on (EfficientViT-MSRA)
+        try:
+            self.model.reset_classifier(num_classes, *args, **kwargs)  # type: ignore[operator]
+            for branch in self.sd_exits:
+                branch.reset_classifier(num_classes)  # type: ignore[operator]
+            self.num_classes = num_classes
+        finally:
+            if engine is not None:  # taps on the exit points, and on the new classifier's input if there is one
+                self._tap(classifier=self.num_classes > 0)
 
     # optimisation ------------------------------------------------------------------------------------------------
     def no_weight_decay(self) -> Set[str]:

@@ -8,6 +8,8 @@ features) during that single pass, and the exits are run on them.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -17,22 +19,32 @@ from .._checks import check_finite_input
 from ..core import ExitPoint, SelfDistillConfig, SelfDistillOutput, build_exit
 from ..core.engine import ExitEngine, ProbeError
 from ._discovery import default_input_sizes, discover, pool_teacher
+from ._saving import load_exits, save_exits
 from ._timm_api import TimmApiMixin
 
-__all__ = ["SelfDistillModel", "ExitBranch", "wrap", "unwrap"]
+__all__ = ["SelfDistillModel", "ExitBranch", "wrap", "unwrap", "load_exits"]
 
 _MODEL = "model."
 _EXITS = "sd_exits."
 
 
 class ExitBranch(nn.Module):
-    """One exit: a :func:`~sd_plugin.core.build_exit` block to the deepest width, then a linear classifier."""
+    """One exit: a :func:`~sd_plugin.core.build_exit` block to the deepest width, then a linear classifier
+    (``nn.Identity`` after ``reset_classifier(0)``, as timm's own heads)."""
 
     def __init__(self, point: ExitPoint, feature_dim: int, num_classes: int, hidden_ratio: float) -> None:
         super().__init__()
         self.feature_dim = feature_dim
         self.block = build_exit(point.fmt, point.channels, feature_dim, point.stride, hidden_ratio)
-        self.fc = nn.Linear(feature_dim, num_classes)
+        self.fc: nn.Module = nn.Linear(feature_dim, num_classes)
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A fresh ``num_classes``-way classifier on the same block; none (``nn.Identity``) for 0."""
+        if num_classes == 0:
+            self.fc = nn.Identity()
+            return
+        ref = next(self.block.parameters())
+        self.fc = nn.Linear(self.feature_dim, num_classes, device=ref.device, dtype=ref.dtype)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled (N, feature_dim) features of the tapped feature ``x``."""
@@ -83,6 +95,7 @@ class SelfDistillModel(TimmApiMixin, nn.Module):
     pooled features, the model's own logits and the input features of its classifier) from one pass of the
     model. Eval mode: exactly what the wrapped model returns (``predict_exit='deepest'``, the exits do not
     run), the log of the mean softmax of all exits (``'ensemble'``), or exit ``k``'s logits (an int).
+    After ``reset_classifier(0)`` it is a feature extractor, as the timm model is (see ``reset_classifier``).
 
     ``state_dict()`` holds the timm model's own keys unchanged plus the exits under ``sd_exits.``, so a plain
     timm checkpoint loads with ``strict=False`` (only ``sd_exits.*`` missing). Parameter names
@@ -139,11 +152,15 @@ class SelfDistillModel(TimmApiMixin, nn.Module):
         param = next(model.parameters(), None)
         if param is not None:
             self.sd_exits.to(device=param.device, dtype=param.dtype if param.is_floating_point() else None)
-        #: The taps on the timm model's exit points and classifier input (sd_plugin.core.engine).
-        self.exit_engine = ExitEngine(model, found.points, extra=[found.teacher])
+        self._tap(classifier=True)
         self.register_state_dict_post_hook(_state_dict_hook)
         self.register_load_state_dict_pre_hook(_load_pre_hook)
         self.register_load_state_dict_post_hook(_load_post_hook)
+
+    def _tap(self, classifier: bool) -> None:
+        """(Re)build the taps: on the exit points, and on the classifier's input (the teacher) while there is one."""
+        #: The taps on the timm model's exit points and classifier input (sd_plugin.core.engine).
+        self.exit_engine = ExitEngine(self.model, self._points, extra=[self._teacher] if classifier else [])
 
     # MultiExitModel -------------------------------------------------------------------------------------------
     @property
@@ -164,7 +181,8 @@ class SelfDistillModel(TimmApiMixin, nn.Module):
         return self.model(inputs)
 
     def forward_exit(self, k: int, feature: torch.Tensor) -> torch.Tensor:
-        """Logits of exit ``k`` (0-based) from the feature tapped at ``exit_points[k]``."""
+        """Logits of exit ``k`` (0-based) from the feature tapped at ``exit_points[k]`` (its pooled features once
+        ``reset_classifier(0)`` removed the classifiers)."""
         if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < self.num_exits:
             raise ValueError(f"exit index {k!r} is out of range: this model has exits 0..{self.num_exits - 1}.")
         return self.sd_exits[k](feature)
@@ -172,6 +190,7 @@ class SelfDistillModel(TimmApiMixin, nn.Module):
     # forward ------------------------------------------------------------------------------------------------------
     def forward_train(self, x: torch.Tensor) -> SelfDistillOutput:
         """Every exit's and the deepest classifier's logits and features, from one pass of the model."""
+        self._require_classifier("forward_train()")
         self.exit_engine.ensure_installed()
         with self.exit_engine.capture() as taps:
             logits = self.model(x)
@@ -194,14 +213,30 @@ class SelfDistillModel(TimmApiMixin, nn.Module):
     def forward(self, x: torch.Tensor) -> Union[torch.Tensor, SelfDistillOutput]:
         if self.training:
             check_finite_input(x)
+            self._require_classifier("training")
             return self.forward_train(x)
         predict = self.config.predict_exit
         if predict == "deepest" or predict == self.num_exits + 1:
             return self.model(x)
+        if self.num_classes == 0:  # no classifiers: exit k's pooled features, as timm's forward gives its own
+            if predict == "ensemble":
+                self._require_classifier("predict_exit='ensemble'")
+            k = int(predict) - 1
+            self.exit_engine.ensure_installed()
+            return self.forward_exit(k, self.exit_engine.run_to(k, lambda: self.model(x)))
         out = self.forward_train(x)
         if predict == "ensemble":
             return out.ensemble_logits()
         return out.all_logits()[int(predict) - 1]
+
+    def _require_classifier(self, what: str) -> None:
+        """Raise when ``what`` needs logits and ``reset_classifier(0)`` removed the classifiers."""
+        if self.num_classes == 0:
+            raise ValueError(
+                f"{what} needs the classifiers' logits, but this wrapped model has none: reset_classifier(0) removed "
+                "them (num_classes=0). Call reset_classifier(num_classes) with num_classes >= 1 to train, or "
+                "sd_plugin.unwrap(model) for timm's plain feature extractor."
+            )
 
     # weights ------------------------------------------------------------------------------------------------------
     def unwrap(self) -> nn.Module:
@@ -218,6 +253,19 @@ class SelfDistillModel(TimmApiMixin, nn.Module):
         if any(k.startswith(_EXITS) for k in state_dict):
             state_dict = {k[len(_EXITS) :]: v for k, v in state_dict.items() if k.startswith(_EXITS)}
         return self.sd_exits.load_state_dict(state_dict, strict=strict)
+
+    def save_exits(self, directory: Union[str, os.PathLike[str]], safe_serialization: Optional[bool] = None) -> Path:
+        """Write the exits' weights and their options to ``directory``; :func:`load_exits` reloads them.
+
+        As PEFT saves an adapter's config beside its weights: ``exits.safetensors`` (``exits.pth``, a plain
+        ``torch.save`` state dict, when ``safe_serialization=False`` or safetensors is not installed) and
+        ``sd_plugin_config.json`` (the options, the exit points, the timm architecture, ``num_classes``, the probe
+        input size and the sd_plugin version). The timm model's own weights are not written.
+
+        Returns:
+            The path of ``sd_plugin_config.json``.
+        """
+        return save_exits(self, directory, safe_serialization)
 
     def load_model_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> Any:
         """Load a plain timm checkpoint into the wrapped model (exits untouched)."""

@@ -195,10 +195,12 @@ def test_reset_classifier_resets_every_exit(name: str, kwargs: Dict[str, Any], s
     assert set(sd_plugin.unwrap(sd_model).state_dict()) == set(plain.state_dict())
 
 
-def test_reset_classifier_rejects_no_classifier() -> None:
+@pytest.mark.parametrize("bad", [-1, True, 2.0])
+def test_reset_classifier_rejects_a_bad_class_count(bad: Any) -> None:
     _, sd_model = _pair("test_resnet", {}, 32)
-    with pytest.raises(ValueError, match="unwrap"):
-        sd_model.reset_classifier(0)
+    with pytest.raises(ValueError, match=r"num_classes must be an int >= 0 \(0 removes the classifiers"):
+        sd_model.reset_classifier(bad)
+    assert sd_model.num_classes == 10  # nothing changed (reset_classifier(0): tests/timm/test_timm_conventions.py)
 
 
 def test_attribute_forwarding_edges() -> None:

@@ -12,6 +12,8 @@ import torch
 
 timm = pytest.importorskip("timm")
 
+import sd_plugin  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "demo_data" / "cifar10_mini"
 pytestmark = [pytest.mark.timm, pytest.mark.slow]
@@ -44,6 +46,7 @@ def test_train_one_epoch_writes_table_and_checkpoints(tmp_path: Path) -> None:
     assert set(torch.load(tmp_path / "exits.pth", weights_only=True)) == {
         k[len("sd_exits.") :] for k in ckpt["state_dict"] if k.startswith("sd_exits.")
     }
+    assert sd_plugin.load_exits(plain, tmp_path).num_exits == 3  # sd_plugin_config.json beside exits.pth
 
     # --resume continues from the saved epoch with the saved optimizer and scheduler
     _train(tmp_path, "--resume", str(tmp_path / "checkpoint-last.pth"), "--epochs", "2")
@@ -59,4 +62,4 @@ def test_no_sd_baseline(tmp_path: Path) -> None:
     timm.create_model("test_resnet", num_classes=10).load_state_dict(
         torch.load(tmp_path / "model_plain.pth", weights_only=True), strict=True
     )
-    assert not (tmp_path / "exits.pth").exists()
+    assert not (tmp_path / "exits.pth").exists() and not (tmp_path / "sd_plugin_config.json").exists()
