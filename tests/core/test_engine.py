@@ -10,10 +10,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-import sd_plugin.core.engine as engine_module
+import sd_plugin.core.engine._find as engine_module
 from sd_plugin.core import SelfDistillConfig
 from sd_plugin.core.engine import ExitEngine, ExitPoint, StopForward, find_exit_layout, select_feature
-from sd_plugin.core.engine._probe import is_cut, is_value_cut, probe_mode
+from sd_plugin.core.engine._cuts import is_cut, is_value_cut
+from sd_plugin.core.engine._probe import probe_mode
 
 CFG = SelfDistillConfig()
 

@@ -1,17 +1,16 @@
-"""The probe: one traced forward pass, and the test that a module is on the main path.
+"""Pipeline step 1, the trace: one forward pass that records the call tree.
 
 :func:`trace` runs the model once with a pre- and post-hook on every submodule of
 the root and records each call: its place in the call tree (which call was
 running when it started), its order, and the batch-first tensors it returned.
-:func:`is_cut` checks that a module is a *cut* of the forward pass — everything
-after it depends on the batch only through its output — by handing on a smaller
-batch from a hook there and checking that the model then returns that smaller
-batch (a residual branch or a side input breaks this). That is exactly the
-property early-exit inference relies on.
+The later steps read only this record (and ask the cut tests of
+:mod:`._cuts`): which outputs can be exit features (:mod:`._candidates`), and
+where the stages or blocks are (:mod:`._choice`).
 
-Both run, where they can, on the meta device (shapes only: no arithmetic, so even
-a large model is probed in well under a second); a model whose forward cannot run
-on meta tensors is probed for real, in eval mode without gradients.
+The pass runs, where it can, on the meta device (shapes only: no arithmetic, so
+even a large model is probed in well under a second; :func:`probe_mode` swaps the
+weights); a model whose forward cannot run on meta tensors is probed for real, in
+eval mode without gradients.
 """
 
 from __future__ import annotations
@@ -23,10 +22,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-__all__ = ["Call", "Probe", "ProbeError", "trace", "is_cut", "is_value_cut", "batch_of", "feature_tensors"]
-
-#: Probe batch: a cut test keeps 2 of 3 samples, so a broadcast (1 vs N) cannot pass for a smaller batch.
-PROBE_BATCH = 3
+__all__ = ["Call", "Probe", "ProbeError", "trace", "probe_mode", "batch_of", "feature_tensors"]
 
 
 def feature_tensors(value: Any, batch: int) -> List[Tuple[Optional[int], torch.Tensor]]:
@@ -185,83 +181,3 @@ def trace(root: nn.Module, run: Callable[[torch.Tensor], Any], x: torch.Tensor) 
     first = out if isinstance(out, torch.Tensor) else None
     shape = tuple(int(s) for s in first.shape) if first is not None else None
     return Probe(calls, times, root_call, tuple(x.shape), batch_of(out), shape)
-
-
-def _shrink(value: Any, batch: int, keep: int) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value[:keep] if value.dim() > 0 and value.shape[0] == batch else value
-    if isinstance(value, (tuple, list)):
-        return type(value)(_shrink(v, batch, keep) for v in value)
-    return value
-
-
-def is_cut(root: nn.Module, name: str, run: Callable[[torch.Tensor], Any], x: torch.Tensor) -> bool:
-    """Whether handing on fewer samples from module ``name`` makes the whole model return fewer samples."""
-    batch = int(x.shape[0])
-    keep = batch - 1
-    fired = [0]
-
-    def hook(mod: nn.Module, args: Any, output: Any) -> Any:
-        fired[0] += 1
-        return _shrink(output, batch, keep) if fired[0] == 1 else None
-
-    handle = root.get_submodule(name).register_forward_hook(hook)
-    try:
-        out = run(x)
-    except Exception:  # noqa: BLE001 - any failure means the smaller batch does not flow through
-        return False
-    finally:
-        handle.remove()
-    return fired[0] == 1 and batch_of(out) == keep
-
-
-def _clone(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.clone()
-    if isinstance(value, (tuple, list)):
-        return type(value)(_clone(v) for v in value)
-    return value
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        return a.shape == b.shape and bool(torch.equal(a, b))
-    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
-        return len(a) == len(b) and all(_same(u, v) for u, v in zip(a, b))
-    return type(a) is type(b) and not isinstance(a, torch.Tensor)
-
-
-def is_value_cut(root: nn.Module, name: str, run: Callable[[torch.Tensor], Any], x: torch.Tensor) -> bool:
-    """Whether the model's output depends on the input only through module ``name``'s output (real tensors only).
-
-    Runs the model on ``x``, then on other inputs with that module's output replaced by the first run's: a cut
-    gives the first run's output again, exactly (eval mode is deterministic).
-    """
-    seen: List[Any] = []
-
-    # Copies: later layers may write into the very tensor a module returned (TNT's ``patch_embed[:, 1:] = ...``).
-    def record(mod: nn.Module, args: Any, output: Any) -> None:
-        seen.append(_clone(output))
-
-    def replace(mod: nn.Module, args: Any, output: Any) -> Any:
-        seen.append(output)
-        return _clone(seen[0]) if len(seen) == 2 else None
-
-    module = root.get_submodule(name)
-    x = x[:1]  # one sample is enough here (the batch is not what is tested), and a third of the cost
-    g = torch.Generator().manual_seed(1)
-    other = torch.randn(x.shape, generator=g).to(device=x.device, dtype=x.dtype)
-    try:
-        handle = module.register_forward_hook(record)
-        try:
-            first = run(x)
-        finally:
-            handle.remove()
-        handle = module.register_forward_hook(replace)
-        try:
-            second = run(other)
-        finally:
-            handle.remove()
-    except Exception:  # noqa: BLE001 - a failure means the output cannot stand in for the input
-        return False
-    return len(seen) == 2 and _same(first, second)

@@ -1,4 +1,11 @@
-"""From a traced probe pass to exit points: layouts, main-path positions, stages or blocks, strides."""
+"""Pipeline step 2, the candidates: which module outputs can be exit features, and the main path through them.
+
+Reads the traced call tree (:mod:`._probe`): the layout of each output (:func:`tensor_layout`: NCHW, NHWC, NLC
+tokens, channels-last token groups), a :class:`Position` for each call that ran once and hands on a feature map or
+tokens (:func:`position_of`), and the candidates in call order, either the adapter's named modules
+(:func:`named_positions`) or the main path found from the call tree (:func:`main_path`, which asks the cut tests of
+:mod:`._cuts` through a callback). :func:`dedupe` keeps one position per handed-on tensor.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +15,33 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from ._points import ExitPoint
 from ._probe import Call, Probe
 
-__all__ = ["Position", "tensor_layout", "position_of", "main_path", "named_positions", "group", "block_run"]
+__all__ = ["Position", "tensor_layout", "position_of", "main_path", "named_positions", "dedupe"]
+
+#: A 4-D output is a map when its two spatial sides are the input's sides reduced by one common factor. Strided
+#: layers round odd sides (a 3x3/2 convolution makes 75 -> 38, ceil mode 75 -> 37 ...), so the two per-side
+#: reductions may differ by this much, relative to the larger one; a (C, H) pair that is no such pair (NHWC read
+#: as NCHW) differs by far more.
+ASPECT_TOLERANCE = 0.05
+
+#: The sizes of a feature with a single position: a (1, 1) map or one token.
+SINGLE_POSITION = ((1, 1), (1,))
+
+#: Where a call ends at a single position, the main path ends there (the head follows) when its input had more than
+#: this many positions: a stage downsamples 2x per side (4 positions to 1 at most), so reducing more is global
+#: pooling or a head-like layer (a conv whose kernel covers the whole map: LeViT's and MobileNetV3's heads).
+STAGE_MAX_POSITIONS_TO_ONE = 4
+
+#: A call whose class name contains this ends the main path at a single position whatever its input size: global
+#: pooling of a map that is already small (2x2 at a 64 px input: AdaptiveAvgPool2d, timm's SelectAdaptivePool2d,
+#: MMPretrain's GlobalAveragePooling).
+POOL_CLASS_MARKER = "pool"
+
+#: A cut whose children hand on at least this many resolutions other than its input's is a container of stages (VGG's
+#: ``features``, timm's ``blocks`` / ``layers``): the path descends into it. One new resolution is a downsampling
+#: module or a single stage, named as a whole.
+MIN_RESOLUTIONS_TO_DESCEND = 2
 
 
 @dataclass(frozen=True)
@@ -43,7 +73,7 @@ def _spatial_like(h: int, w: int, input_hw: Tuple[int, int]) -> bool:
     if h < 1 or w < 1 or h > input_hw[0] or w > input_hw[1]:
         return False
     rh, rw = input_hw[0] / h, input_hw[1] / w
-    return abs(rh - rw) <= 0.05 * max(rh, rw)
+    return abs(rh - rw) <= ASPECT_TOLERANCE * max(rh, rw)
 
 
 def tensor_layout(
@@ -99,9 +129,9 @@ def position_of(probe: Probe, idx: int, channels: Mapping[str, int], prefer_nhwc
 def _pools_to_a_point(call: Call, pos: Position, positions_in: int) -> bool:
     """A call that reduces a map or tokens to a single position: global pooling, or a head-like layer that shrinks
     more than a stage does (> 2x per side). The main path ends there (the head follows)."""
-    if pos.size not in ((1, 1), (1,)):
+    if pos.size not in SINGLE_POSITION:
         return False
-    return positions_in > 1 and ("pool" in call.cls.lower() or positions_in > 4)
+    return positions_in > 1 and (POOL_CLASS_MARKER in call.cls.lower() or positions_in > STAGE_MAX_POSITIONS_TO_ONE)
 
 
 def _input_key(call: Call, probe: Probe, channels_hint: Optional[int], prefer_nhwc: bool) -> int:
@@ -115,10 +145,10 @@ def _input_key(call: Call, probe: Probe, channels_hint: Optional[int], prefer_nh
 def _after_functional_pool(pos: Position, positions_in: int, prev: Position) -> bool:
     """A module fed a single position right after a larger map (ConvNeXt's ``norm3`` after ``x.mean((2, 3))``): the
     pooling happened in the forward code, so the head side has begun."""
-    return pos.size in ((1, 1), (1,)) and positions_in == 1 and math.prod(prev.size) > 1
+    return pos.size in SINGLE_POSITION and positions_in == 1 and math.prod(prev.size) > 1
 
 
-def _dedupe(positions: List[Position], calls: Sequence[Call]) -> List[Position]:
+def dedupe(positions: List[Position], calls: Sequence[Call]) -> List[Position]:
     """One position per handed-on tensor: a container over its own last child's output, or the first sibling."""
     out: List[Position] = []
     for pos in positions:
@@ -154,7 +184,7 @@ def main_path(
             if not is_cut(pos.name):
                 continue
             kids = [position_of(probe, g, channels, prefer_nhwc) for g in probe.calls[child].children]
-            if len({k.key[-1] for k in kids if k is not None} - {entry}) >= 2:
+            if len({k.key[-1] for k in kids if k is not None} - {entry}) >= MIN_RESOLUTIONS_TO_DESCEND:
                 # the container spans several resolutions (VGG's `features`, timm's `blocks`/`layers`): its own
                 # children are the stages. A single transition (a downsampling module) is not descended into.
                 inner, stopped = walk(child)
@@ -164,7 +194,7 @@ def main_path(
             out.append(pos)
         return out, False
 
-    return _dedupe(walk(probe.root)[0], probe.calls)
+    return dedupe(walk(probe.root)[0], probe.calls)
 
 
 def named_positions(
@@ -181,95 +211,4 @@ def named_positions(
             if pos is not None:
                 found.append(pos)
     found.sort(key=lambda p: probe.calls[p.call].end)
-    return _dedupe(found, probe.calls)
-
-
-def group(positions: List[Position], input_hw: Tuple[int, int], probe: Optional[Probe] = None) -> List[Position]:
-    """Stage ends: the last position of every run of one resolution, without stem-level runs.
-
-    With the ``probe``, a first run that is only a stem carries no exit either when at least three deeper stages
-    remain: single layers before stage modules (Conformer's ``maxpool``; a LeNet made of single layers keeps them),
-    or one module that is no sibling of any deeper stage end (TinyViT's ``patch_embed`` before ``stages.0..3``).
-    """
-    runs: List[List[Position]] = []
-    for pos in positions:
-        if runs and runs[-1][-1].key == pos.key:
-            runs[-1].append(pos)
-        else:
-            runs.append([pos])
-    ends = [run[-1] for run in runs]
-    # Stem-level runs (at most ~2x downsampling, e.g. a stride-2 stem or a valid-padding 299 -> 147 one) carry no
-    # exit when at least three deeper stages remain.
-    deep = [e for e in ends if e.reduction(input_hw) > 2.5]
-    if len(deep) >= 3:
-        ends = deep
-    if probe is not None and len(ends) >= 4:
-        first = next(run for run in runs if run[-1] is ends[0])
-        parents = {e.name.rpartition(".")[0] for e in ends[1:]}
-        lone_stem = len(first) == 1 and first[0].name.rpartition(".")[0] not in parents
-        layers_only = all(probe.calls[p.call].is_leaf for p in first)
-        if lone_stem or (layers_only and not all(probe.calls[e.call].is_leaf for e in ends[1:])):
-            ends = ends[1:]
-    return ends
-
-
-def _signature(probe: Probe, call: Call) -> Tuple[str, ...]:
-    """A call's type and its children's types: repeated blocks share it (a stem of the same class does not)."""
-    return (call.cls, *(probe.calls[c].cls for c in call.children))
-
-
-def block_run(
-    probe: Probe, is_cut: Callable[[str], bool], channels: Mapping[str, int], prefer_nhwc: bool, min_len: int = 3
-) -> List[Position]:
-    """The longest run of same-type sibling calls on the main path with equal output shapes (repeated blocks)."""
-    runs: List[List[Position]] = []
-    for call in probe.calls:
-        run: List[Position] = []
-        for child in call.children:
-            pos = position_of(probe, child, channels, prefer_nhwc)
-            if pos is None:
-                run = []
-                continue
-            last = run[-1] if run else None
-            same = (
-                last is not None
-                and _signature(probe, probe.calls[last.call]) == _signature(probe, probe.calls[child])
-                and (last.key, last.channels) == (pos.key, pos.channels)
-            )
-            run = [*run, pos] if same else [pos]
-            if len(run) >= min_len:
-                if runs and runs[-1][0] is run[0]:
-                    runs[-1] = run
-                else:
-                    runs.append(run)
-    runs.sort(key=lambda r: (len(r), probe.calls[r[-1].call].end), reverse=True)
-    for run in runs:
-        if is_cut(run[0].name) and is_cut(run[-1].name):
-            return run
-    return []
-
-
-def leaf_share_after(probe: Probe, end: int) -> float:
-    """Share of the pass's leaf-module calls that finish after clock ``end`` (a rough measure of depth/work)."""
-    leaves = [c for c in probe.calls if c.is_leaf and c.end >= 0]
-    return sum(1 for c in leaves if c.end > end) / max(1, len(leaves))
-
-
-def stride_between(here: Position, deepest: Position) -> int:
-    """Downsampling from ``here`` to the deepest feature (1 for tokens, which are pooled)."""
-    if here.fmt not in ("NCHW", "NHWC"):
-        return 1
-    return max(1, round(here.side() / max(1e-6, deepest.side())))
-
-
-def to_point(probe: Probe, pos: Position, deepest: Position, shrinkable: bool = True) -> ExitPoint:
-    copy = probe.calls[pos.call].written_later
-    return ExitPoint(
-        pos.name,
-        pos.fmt,
-        pos.channels,
-        stride_between(pos, deepest),
-        pos.output_index,
-        shrinkable=shrinkable,
-        copy=copy,
-    )
+    return dedupe(found, probe.calls)
