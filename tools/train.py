@@ -18,6 +18,11 @@ What it adds:
   refuses a damaged checkpoint with a message naming it and the newest intact one.
 - Clean exit: data-loader workers are stopped and the process group is destroyed on
   success, on error and on SIGTERM, so a finished DDP run exits with code 0.
+- FSDP: ``ResumableFSDPStrategy`` is registered (``FSDPStrategy`` whose resume works on current
+  torch; ``runner_type='FlexibleRunner'``), and ``--resume`` takes a sharded checkpoint (a folder
+  of ``rank{i}.pth``), each shard checked as a checkpoint file is.
+- A rank that hangs: ``env_cfg.dist_cfg.timeout`` (seconds, mmengine's setting; default 1800)
+  bounds how long the other ranks wait in a collective before the job fails.
 
 Example:
     python tools/train.py configs/resnet18_sd_cifar10.py --work-dir work_dirs/r18
@@ -42,6 +47,7 @@ from mmengine.runner import Runner
 
 import sd_plugin  # noqa: F401  (registers SelfDistillClassifier & co., safe globals for resume)
 import sd_plugin._amp  # noqa: F401  (registers CPUAutocastOptimWrapper)
+import sd_plugin.mmpretrain_adapter.fsdp_strategy  # noqa: F401  (registers ResumableFSDPStrategy)
 from sd_plugin._dist import prepare_mmengine_cpu_ddp
 from sd_plugin._io import check_checkpoint_file
 from sd_plugin._mmengine_backend import ATOMIC_BACKEND
@@ -133,12 +139,12 @@ def merge_args(cfg: Config, args: argparse.Namespace) -> Config:
         cfg.resume = True
         cfg.load_from = None
     elif args.resume is not None:
-        if not osp.isfile(args.resume):
+        if not osp.exists(args.resume):
             raise ValueError(
                 f"--resume {args.resume!r}: no such checkpoint file. Give an existing .pth file, or --resume "
                 "without a path to resume from the latest checkpoint in the work dir."
             )
-        check_checkpoint_file(args.resume, "--resume")
+        _check_checkpoint(args.resume, "--resume")
         cfg.resume = True
         cfg.load_from = args.resume
     if args.auto_scale_lr:
@@ -182,7 +188,22 @@ def _check_latest_checkpoint(work_dir: str) -> None:
 
     latest = find_latest_checkpoint(work_dir) if osp.isdir(work_dir) else None
     if latest:
-        check_checkpoint_file(latest, "--resume: the latest checkpoint")
+        _check_checkpoint(latest, "--resume: the latest checkpoint")
+
+
+def _check_checkpoint(path: str, option: str) -> None:
+    """A checkpoint file, or a sharded one (FSDP: a folder of ``rank{i}.pth``, each of them checked)."""
+    if not osp.isdir(path):
+        check_checkpoint_file(path, option)
+        return
+    shards = sorted(f for f in os.listdir(path) if f.startswith("rank") and f.endswith(".pth"))
+    if not shards:
+        raise ValueError(
+            f"{option} {path!r} is a folder without rank*.pth files: give a checkpoint file, or the folder a "
+            "sharded (FSDP) run saved."
+        )
+    for shard in shards:
+        check_checkpoint_file(osp.join(path, shard), option)
 
 
 def _check_final(cfg: Config) -> None:
