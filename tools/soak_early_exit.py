@@ -7,6 +7,9 @@ compared with the answer the same object gave to the same batch sequentially (bi
 Reported per variant: calls, errors, answers that differ, images per second, p50/p99 latency per call, and the
 process's resident memory (VmRSS) after a warm-up against its end and its peak.
 
+Resident memory under many threads grows while glibc's per-thread malloc arenas fill, for the plain model as for
+early exit, and levels off; ``MALLOC_ARENA_MAX=2`` reaches the level sooner.
+
 The variants run one after another in every round (``--rounds``), so slow drifts of a shared machine touch all
 of them. This is a measurement, not a timed assertion (``tests/deploy/test_soak_early_exit.py`` runs it briefly
 and checks only errors and answers).
