@@ -12,7 +12,7 @@ Use it in place of ``FSDPStrategy`` (on a CPU-only machine the wrapper also need
     strategy = dict(type='ResumableFSDPStrategy',
                     model_wrapper=dict(type='MMFullyShardedDataParallel', device_id='cpu'))
 
-Importing this module registers it in mmengine's ``STRATEGIES`` (``tools/train.py`` imports it).
+Importing this module registers it in sd_plugin's ``STRATEGIES`` (the plain name in mmengine's too).
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from __future__ import annotations
 from typing import Any, Dict
 
 from mmengine._strategy.fsdp import FSDPStrategy
-from mmengine.registry import STRATEGIES
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+from ..registry import STRATEGIES
 
 __all__ = ["ResumableFSDPStrategy", "RESUMABLE_FSDP_STRATEGY"]
 
