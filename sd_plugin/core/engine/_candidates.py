@@ -19,28 +19,40 @@ from ._probe import Call, Probe
 
 __all__ = ["Position", "tensor_layout", "position_of", "main_path", "named_positions", "dedupe"]
 
-#: A 4-D output is a map when its two spatial sides are the input's sides reduced by one common factor. Strided
-#: layers round odd sides (a 3x3/2 convolution makes 75 -> 38, ceil mode 75 -> 37 ...), so the two per-side
-#: reductions may differ by this much, relative to the larger one; a (C, H) pair that is no such pair (NHWC read
-#: as NCHW) differs by far more.
+# The thresholds below were checked on one model per timm module and per MMPretrain family of the coverage runs
+# (docs/results/coverage_*.md), the main-path walk also without timm's feature_info; each comment names the models
+# whose placement changes without the rule.
+
+#: A 4-D output is a map when its two spatial sides are the input's sides reduced by one common factor. A
+#: non-square input has each side rounded on its own by strided layers (75 x 64 through two stride-2 convolutions:
+#: 19 x 16, reduced 3.95x and 4x), so the two reductions may differ by this much, relative to the larger one: one
+#: pixel of rounding on sides of 20 or more. Without it a channels-last map of a non-square input reads as
+#: channels-first. The coverage runs probe square inputs, where both sides round alike: none of their placements
+#: changes at 0 or at 0.2.
 ASPECT_TOLERANCE = 0.05
 
 #: The sizes of a feature with a single position: a (1, 1) map or one token.
 SINGLE_POSITION = ((1, 1), (1,))
 
-#: Where a call ends at a single position, the main path ends there (the head follows) when its input had more than
-#: this many positions: a stage downsamples 2x per side (4 positions to 1 at most), so reducing more is global
-#: pooling or a head-like layer (a conv whose kernel covers the whole map: LeViT's and MobileNetV3's heads).
+#: A call that ends at a single position from more than this many ends the main path (the head follows): a stage
+#: downsamples 2x per side, 2 x 2 = 4 positions to 1 at most, so reducing more is pooling or a head-like layer. With
+#: no limit, the main-path walk of CSATv2, EfficientViT-M1, LeViT-128S, SelecSLS-60 and SHViT-S1 (64 px) ends at
+#: another module; at 1, their last stage (2 x 2 -> 1 x 1), SelecSLS-60's ``head.3`` or VGG-16's ``pre_logits`` is
+#: cut off. 9 changes nothing.
 STAGE_MAX_POSITIONS_TO_ONE = 4
 
 #: A call whose class name contains this ends the main path at a single position whatever its input size: global
-#: pooling of a map that is already small (2x2 at a 64 px input: AdaptiveAvgPool2d, timm's SelectAdaptivePool2d,
-#: MMPretrain's GlobalAveragePooling).
+#: pooling of a map that is already small (2 x 2 at 64 px). Without it the main-path walk goes on into the head of
+#: GhostNet, RepGhostNet, HardCoReNAS and LCNetV2 (``conv_head``), MobileNetV4 (``norm_head``), DLA (``fc``), DPN
+#: (``classifier``), CAFormer (``head.norm``), FasterNet, LowFormer and StarNet: a head layer becomes the deepest
+#: position.
 POOL_CLASS_MARKER = "pool"
 
-#: A cut whose children hand on at least this many resolutions other than its input's is a container of stages (VGG's
-#: ``features``, timm's ``blocks`` / ``layers``): the path descends into it. One new resolution is a downsampling
-#: module or a single stage, named as a whole.
+#: A cut whose children hand on at least this many resolutions other than its input's is a container of stages: the
+#: path descends into it. Never descending leaves DenseNet-169's ``features`` one position (no placement), Xception41
+#: placed by blocks and EfficientViM-M1 with one exit less (at 3 as well); descending at 1, into every downsampling
+#: module, moves the stage ends of ConvNeXt, Swin, DenseNet, EdgeNeXt, HorNet, MobileNetV2, MobileViT, MViTv2, TinyViT
+#: and Twins into their downsampling layers, and places EfficientNet and MobileNetV3 by blocks.
 MIN_RESOLUTIONS_TO_DESCEND = 2
 
 

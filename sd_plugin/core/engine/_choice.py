@@ -32,31 +32,43 @@ __all__ = [
 
 STAGE, BLOCK = "stage", "block"
 
+# The thresholds below were checked on one model per timm module and per MMPretrain family of the coverage runs
+# (docs/results/coverage_*.md); each comment names the models whose placement changes without the rule.
+
 #: A run of one resolution whose features are at most this much smaller than the input (per side) is stem level: a
-#: stride-2 stem (2x), or a valid-padding one that rounds down (Inception-v3's 299 -> 147 is 2.03x). The first stage
-#: proper downsamples 4x, so the threshold sits between the two.
+#: stride-2 stem (2x), or a valid-padding one that rounds down (Inception-v3's 299 -> 147 is 2.03x); the first stage
+#: proper is 4x. Without the rule DenseNet, DLA, DPN, RegNetX, ReXNet, VGG-16, EfficientNet-B0 and MobileNetV2 get an
+#: exit on their stem; at 2.0 Inception-v3/v4, Inception-ResNet-v2 and Xception still do; at 4.5 the 4x first stage of
+#: most hierarchical nets (ResNet's ``layer1``, ConvNeXt's ``stages.0``) loses its exit.
 STEM_MAX_REDUCTION = 2.5
 
-#: Stem runs are dropped only when at least this many deeper stage ends remain: enough for the default exits of a
-#: four-stage backbone. A shallower net keeps its stem as a stage (a CIFAR ResNet's stride-1 stem and three stages,
-#: a LeNet of single layers).
+#: Stem runs are dropped only when at least this many deeper stage ends remain. At 2, a CIFAR ResNet-18 at 32 px
+#: (``layer1`` and ``layer2`` at 1x and 2x: stride-1 stem) keeps only ``layer3`` / ``layer4`` and EfficientViM-M1
+#: loses its ``patch_embed`` exit; at 4, ShuffleNet v1/v2 keep an exit on ``maxpool``, TinyViT on ``patch_embed``.
 MIN_STAGES_AFTER_STEM = 3
 
-#: Repeated blocks: at least this many same-type siblings in a row with one output shape. Two in a row are common
-#: inside a stage (a pair of convolutions, norm + act); a block body is longer (ViT-Tiny: 12, ConvMixer: 8 and up).
+#: Repeated blocks: at least this many same-type siblings in a row with one output shape. At 2, a pair of layers is
+#: taken for the model's blocks (NASNet-A and PNASNet-5 Large: ``conv0.bn``'s dropout and activation; XCiT's two
+#: class-attention layers on the meta probe). At 4 no model of the coverage runs changes; 3 keeps the shortest body
+#: that still has exits at two depths.
 MIN_BLOCK_RUN = 3
 
-#: A stem with resolution changes of its own (T2T-ViT's tokens-to-token modules) before a run of repeated blocks:
-#: the blocks are the model's depth when at least this share of its leaf-module calls run after the stem. T2T-ViT-14
-#: runs about 95% of them in its 14 blocks; a hierarchical net whose last stage is a run of blocks (a ResNet's
-#: ``layer4``, a ConvNeXt's last stage) runs far fewer in that stage.
+#: A stem with resolution changes of its own before a run of repeated blocks: the blocks are the model's depth when
+#: at least this share of its leaf-module calls finish after the stem's last stage end. T2T-ViT-14 (0.86), HiViT-T
+#: (0.83) and NesT-S (0.82) are placed by blocks that way; hierarchical nets whose last stage holds their longest run
+#: of blocks stay below it (TinyViT-5M 0.63, GhostNet / RepGhostNet 0.62, LowFormer-B0 0.57, RegNetX 0.53) and are
+#: placed by stages.
 BODY_LEAF_SHARE = 0.75
 
 #: With at least this many stage ends, the exits follow the stages even when a run of repeated blocks exists (the
-#: blocks of one stage: a ResNet's ``layer3``, a Swin's third stage).
+#: blocks of one stage). At 4, three-stage nets would be placed by one stage's blocks (ShuffleNet v1/v2, TinyViT,
+#: LeViT, PiT, Visformer, EfficientViT-M, SHViT, HRNet-W18-small, Xception); at 2, ConViT and XCiT (blocks after the
+#: main ones hand on one token more: a second "stage") and VOLO (outlooker and transformer stages) would be placed
+#: by those two stage ends instead of their blocks.
 MIN_STAGES_OVER_BLOCKS = 3
 
-#: Fewest stage ends a model is placed by stages with: two ends are one exit and the deepest classifier's stage.
+#: Fewest stage ends a model is placed by stages with: two ends are one exit and the deepest classifier's stage
+#: (NASNet-A and PNASNet-5 Large, which have two and no run of blocks).
 MIN_STAGES = 2
 
 
@@ -72,8 +84,8 @@ def _runs_of_one_resolution(positions: List[Position]) -> List[List[Position]]:
 
 def _is_stem(first: List[Position], ends: List[Position], probe: Probe) -> bool:
     """Whether the first run (ending at ``ends[0]``) is a stem: one module that is no sibling of any deeper stage end
-    (TinyViT's ``patch_embed`` before ``stages.0..3``), or single layers before stage modules (Conformer's
-    ``maxpool``; a LeNet made of single layers keeps them)."""
+    (TinyViT's ``patch_embed`` before ``stages.0..3``; CoaT-Lite's ``serial_blocks1``), or single layers before stage
+    modules (Conformer's ``maxpool``; a LeNet made of single layers keeps them)."""
     parents = {e.name.rpartition(".")[0] for e in ends[1:]}
     lone_stem = len(first) == 1 and first[0].name.rpartition(".")[0] not in parents
     layers_only = all(probe.calls[p.call].is_leaf for p in first)

@@ -24,8 +24,9 @@ from ._probe import Probe, batch_of
 __all__ = ["PROBE_BATCH", "CutOracle", "is_cut", "is_value_cut"]
 
 #: Samples in the probe input. The shrink test hands on ``PROBE_BATCH - SAMPLES_DROPPED`` = 2 of them, and that
-#: kept batch must not be 1: a batch of one broadcasts against the full batch and loses its batch dimension in
-#: ``x.squeeze()`` (a head flattening ``(N, C, 1, 1)`` that way), so a real cut would fail the test.
+#: kept batch must not be 1: a batch of one broadcasts against the full batch, and ``x.squeeze()`` drops its batch
+#: dimension. MMPretrain's LeNet-5 feeds ``features(x).squeeze()`` to its classifier: at 2 no module of it passes
+#: the test and it gets no exits.
 PROBE_BATCH = 3
 
 #: Samples the shrink test drops at the module it tests: one is enough for the model's output batch to show it.
