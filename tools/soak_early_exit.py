@@ -24,7 +24,6 @@ import argparse
 import copy
 import json
 import os
-import sys
 import tempfile
 import threading
 import time
@@ -37,7 +36,9 @@ import torch
 import torch.nn as nn
 
 import sd_plugin
+from sd_plugin.core.naming import exit_name
 from sd_plugin.deploy import EarlyExitModel, ExitPolicy, OnnxCascade, export_cascade, export_onnx
+from tools._provenance import command_line, provenance
 
 __all__ = ["SoakResult", "build_model", "soak", "main"]
 
@@ -47,6 +48,12 @@ NUM_CLASSES = 10
 EXIT_QUANTILES = (0.7, 0.6, 0.5)  # thresholds at these quantiles of each exit's confidence: the exits mix
 MiB = 1024 * 1024
 MAX_MESSAGES = 3  # error messages kept per variant
+PAGE_TITLE = "# Early exit under concurrent load"
+PAGE_MODEL = (
+    "Model: timm's `test_resnet` wrapped by sd_plugin (random weights) at 32 px, three exits and the deepest "
+    "classifier; thresholds at quantiles of each exit's confidence so that answers leave at every exit. Each variant runs for the stated time with all "
+    "threads calling one shared object; every answer is compared with that object's sequential answer."
+)
 
 
 def rss_bytes() -> Optional[int]:
@@ -291,8 +298,20 @@ def format_report(report: Dict[str, Any]) -> str:
         f"{report['batches']} batches of {MIN_BATCH}-{MAX_BATCH} images, torch threads {report['torch_threads']}, "
         f"{report['cpus']} CPUs, load average at the end {load}"
     )
-    shares = ", ".join(f"exit {k}: {100 * v:.0f}%" for k, v in report.get("exit_shares", {}).items())
+    shares = report.get("exit_shares", {})
+    shares = ", ".join(f"{exit_name(int(k) - 1, len(shares) - 1)}: {100 * v:.0f}%" for k, v in shares.items())
     return "\n".join([head, *rows, memory, f"early exit answers by exit: {shares}"])
+
+
+def _paragraphs(text: str) -> str:
+    """The report as Markdown: the heading line and the lines after the table as paragraphs of their own."""
+    lines = text.split("\n")
+    out = [lines[0], ""]
+    for line in lines[1:]:
+        if not line.startswith("|") and out[-1].startswith("|"):
+            out.append("")
+        out += [line] if line.startswith("|") or out[-1] == "" else ["", line]
+    return "\n".join(out)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -305,6 +324,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-onnx", action="store_true", help="PyTorch only (no ONNX Runtime variants)")
     p.add_argument("--json", default=None, help="write the report here too")
+    p.add_argument("--md", default=None, help="write a results page (with command, versions, hardware, date) here")
     return p.parse_args(argv)
 
 
@@ -320,10 +340,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     answers = next(v.expected for v in variants if v.name == "EarlyExitModel")
     exits = torch.cat([a.exit for a in answers])
     report["exit_shares"] = {int(k): round(float((exits == k).float().mean()), 3) for k in exits.unique()}
-    report["command"] = "python -m tools.soak_early_exit " + " ".join(argv if argv is not None else sys.argv[1:])
-    print(format_report(report), flush=True)
+    report["command"] = command_line("tools.soak_early_exit", argv)
+    text = format_report(report)
+    print(text, flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+    if args.md:
+        page = [PAGE_TITLE, "", provenance(report["command"]), "", PAGE_MODEL, "", _paragraphs(text)]
+        Path(args.md).write_text("\n".join(page) + "\n")
     return report
 
 

@@ -1,0 +1,45 @@
+"""One line of provenance for a generated results page: command, versions, hardware, date."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shlex
+import sys
+from datetime import datetime, timezone
+from typing import Optional, Sequence
+
+import torch
+
+__all__ = ["command_line", "provenance"]
+
+#: Packages whose versions a results page states when they are installed.
+REPORTED_PACKAGES = ("torch", "timm", "mmengine", "mmpretrain", "onnxruntime")
+
+
+def command_line(module: str, argv: Optional[Sequence[str]] = None) -> str:
+    """``python -m MODULE ARGS`` as the user would type it."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    return " ".join(["python", "-m", module, *map(shlex.quote, args)])
+
+
+def _versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = [f"Python {platform.python_version()}"]
+    for name in REPORTED_PACKAGES:
+        try:
+            found.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            continue
+    return ", ".join(found)
+
+
+def provenance(command: str) -> str:
+    """``Command: ... Versions: ... Hardware: ... Date: ...`` for the top of a generated page."""
+    cpu = platform.processor() or platform.machine()
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (
+        f"Command: `{command}`. Versions: {_versions()}. Hardware: {cpu}, {os.cpu_count()} CPU cores, {device}, "
+        f"torch threads {torch.get_num_threads()}. Date: {datetime.now(timezone.utc):%Y-%m-%d}."
+    )
