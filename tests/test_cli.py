@@ -163,19 +163,15 @@ def test_calibrate_writes_a_policy_early_exit_accepts(timm_run, tmp_path):
     assert out.logits.shape == (4, NUM_CLASSES) and set(out.exit.tolist()) <= {1, 2, 3, 4}
 
 
-def test_method_and_delta_need_a_calibrate_that_takes_them(monkeypatch):
-    import argparse
+def test_the_cli_defaults_are_the_library_defaults():
+    import inspect
 
-    import sd_plugin.deploy
-    from sd_plugin.cli.calibrate import calibrate_options
+    from sd_plugin.cli import build_parser
+    from sd_plugin.deploy import calibrate
 
-    def old_calibrate(data, *, max_drop=None, budget=None, costs=None, criterion="max_prob"):
-        raise AssertionError("not called")
-
-    monkeypatch.setattr(sd_plugin.deploy, "calibrate", old_calibrate)
-    assert calibrate_options(argparse.Namespace(method=None, delta=None)) == {}
-    with pytest.raises(ValueError, match="--delta"):
-        calibrate_options(argparse.Namespace(method=None, delta=0.05))
+    args = build_parser().parse_args(["calibrate", "ckpt.pth", "--data", "d", "--max-drop", "1", "-o", "p.json"])
+    params = inspect.signature(calibrate).parameters
+    assert (args.method, args.delta) == (params["method"].default, params["delta"].default)
 
 
 @pytest.mark.timm

@@ -75,7 +75,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         "--arms",
         nargs="+",
         default=["ce", "byot"],
-        help="arms to compare, '+'-joined components of ce, ls, byot, byotrms, pskd, cskd, tfkd (default: ce byot); "
+        help="arms to compare, '+'-joined components of ce, ls, byot, byotrms, pskd, cskd, tfkd, zipf, mixup, "
+        "cutmix (default: ce byot); "
         "ce is always measured, as the baseline",
     )
     p.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT, help="CIFAR-10 with train/ and test/")

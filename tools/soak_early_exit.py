@@ -51,8 +51,9 @@ MAX_MESSAGES = 3  # error messages kept per variant
 PAGE_TITLE = "# Early exit under concurrent load"
 PAGE_MODEL = (
     "Model: timm's `test_resnet` wrapped by sd_plugin (random weights) at 32 px, three exits and the deepest "
-    "classifier; thresholds at quantiles of each exit's confidence so that answers leave at every exit. Each variant runs for the stated time with all "
-    "threads calling one shared object; every answer is compared with that object's sequential answer."
+    "classifier; thresholds at quantiles of each exit's confidence so that answers leave at every exit. Each "
+    "variant runs for the stated time with all threads calling one shared object; every answer is compared with "
+    "that object's sequential answer."
 )
 
 

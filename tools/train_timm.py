@@ -123,13 +123,23 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     sd.add_argument(
         "--tfkd", type=float, nargs="?", const=0.1, default=0.0, metavar="WEIGHT", help="Tf-KD-reg, weight (0.1)"
     )
+    sd.add_argument(
+        "--zipf",
+        type=float,
+        nargs="?",
+        const=0.1,
+        default=0.0,
+        metavar="WEIGHT",
+        help="Zipf's label smoothing, weight (0.1; the authors use 1.0 on TinyImageNet and iNat21)",
+    )
+    sd.add_argument("--zipf-power", type=float, default=d.zipf_power, help="Zipf's LS exponent (1.0)")
     args = p.parse_args(argv)
     args.data = args.data or args.data_dir
     if not args.data:
         p.error("give the data root (positional) or --data-dir")
     if args.val_split is None:
         args.val_split = "val" if os.path.isdir(os.path.join(args.data, "val")) else "test"
-    if args.no_sd and (args.pskd or args.cs_kd or args.tfkd or args.sd_no_exits):
+    if args.no_sd and (args.pskd or args.cs_kd or args.tfkd or args.zipf or args.sd_no_exits):
         p.error("--no-sd trains the plain model with cross-entropy; for a method alone use --sd-no-exits instead")
     if args.cs_kd and args.batch_size % 2:
         p.error(f"--cs-kd needs an even --batch-size (pairs of samples), got {args.batch_size}")
@@ -166,6 +176,8 @@ def sd_config(args: argparse.Namespace) -> SelfDistillConfig:
         pskd_alpha=args.pskd,
         cskd_weight=args.cs_kd,
         tfkd_weight=args.tfkd,
+        zipf_weight=args.zipf,
+        zipf_power=args.zipf_power,
         deepest_weight=args.sd_deepest_weight,
         exit_hidden_ratio=args.sd_exit_hidden_ratio,
     )

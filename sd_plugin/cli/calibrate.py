@@ -9,20 +9,17 @@ Every exit's logits are collected once (:func:`sd_plugin.deploy.collect_exit_log
 from __future__ import annotations
 
 import argparse
-import inspect
 from typing import Any, Dict, List, Optional, Tuple, cast
 
 import torch
 import torch.nn as nn
 
+from ..deploy.calibrate import DEFAULT_DELTA, METHODS
 from ._data import add_data_args, batches, data_spec, keep_images, progress
 from ._load import add_model_args, add_progress_arg, load_model, plain_doc
 
-__all__ = ["add_parser", "run", "calibrate_options", "method_of", "count_costs", "collect"]
+__all__ = ["add_parser", "run", "calibrate_options", "count_costs", "collect"]
 
-#: Options of :func:`sd_plugin.deploy.calibrate` that are passed on only where the installed version has them.
-PASS_THROUGH = ("method", "delta")
-METHODS = ("guaranteed", "empirical")
 CRITERIA = ("max_prob", "entropy")
 
 EPILOG = """examples:
@@ -41,8 +38,19 @@ Calibrate on images the model was not trained on: thresholds fitted to training 
 def add_calibration_args(g: Any) -> None:
     """How thresholds are searched (shared with ``sd-plugin report``)."""
     g.add_argument("--criterion", choices=CRITERIA, default="max_prob", help="confidence score (default: max_prob)")
-    g.add_argument("--method", choices=METHODS, help="calibration method (default: calibrate()'s own)")
-    g.add_argument("--delta", type=float, help="failure probability of the 'guaranteed' method")
+    g.add_argument(
+        "--method",
+        choices=METHODS,
+        default="guaranteed",
+        help="'guaranteed': the target holds on new images with probability 1 - delta; 'empirical': it holds on "
+        "these images (default: %(default)s)",
+    )
+    g.add_argument(
+        "--delta",
+        type=float,
+        default=DEFAULT_DELTA,
+        help="failure probability of the 'guaranteed' method (default: %(default)s)",
+    )
 
 
 def add_parser(sub: Any) -> None:
@@ -66,32 +74,8 @@ def add_parser(sub: Any) -> None:
 
 
 def calibrate_options(args: argparse.Namespace) -> Dict[str, Any]:
-    """``--method`` / ``--delta`` for :func:`sd_plugin.deploy.calibrate`, given only when set and accepted."""
-    from ..deploy import calibrate
-
-    accepted = inspect.signature(calibrate).parameters
-    out: Dict[str, Any] = {}
-    for name in PASS_THROUGH:
-        value = getattr(args, name, None)
-        if value is None:
-            continue
-        if name not in accepted:
-            raise ValueError(
-                f"--{name} needs a version of sd_plugin.deploy.calibrate with a {name!r} parameter and the installed "
-                f"one has none: leave --{name} out, or update sd-plugin."
-            )
-        out[name] = value
-    return out
-
-
-def method_of(options: Dict[str, Any]) -> str:
-    """The calibration method ``calibrate(**options)`` uses ('empirical' for a version without methods)."""
-    from ..deploy import calibrate
-
-    if "method" in options:
-        return str(options["method"])
-    param = inspect.signature(calibrate).parameters.get("method")
-    return "empirical" if param is None else str(param.default)
+    """``--method`` / ``--delta`` as :func:`sd_plugin.deploy.calibrate`'s keyword arguments."""
+    return {"method": args.method, "delta": args.delta}
 
 
 def count_costs(model: nn.Module, example: torch.Tensor) -> Optional[Any]:

@@ -27,7 +27,7 @@ import torch.nn as nn
 from ._data import DataSpec, add_data_args, data_spec
 from ._load import add_model_args, add_progress_arg, load_model, plain_doc
 from ._render import markdown, plot
-from .calibrate import add_calibration_args, calibrate_options, collect, count_costs, method_of
+from .calibrate import add_calibration_args, calibrate_options, collect, count_costs
 
 __all__ = [
     "add_parser",
@@ -313,7 +313,7 @@ def build_report(args: argparse.Namespace, argv: Optional[Sequence[str]] = None)
     if cal_spec is not None:
         cal, _ = collect(loaded, cal_spec, "calibration images", show)
         report.update(
-            calib_data=cal_spec.describe(), calib_samples=int(cal.targets.numel()), calib_method=method_of(options)
+            calib_data=cal_spec.describe(), calib_samples=int(cal.targets.numel()), calib_method=options["method"]
         )
         report["calibrated_ensemble"] = calibrated_ensemble(cal, data)
         points = operating_points(cal, data, costs, args.max_drops, {"criterion": args.criterion, **options})

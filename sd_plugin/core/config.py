@@ -7,8 +7,8 @@ weighted 1 - alpha = 0.7 on every shallow exit, and the deepest classifier
 trained with plain cross-entropy. The feature hint's default (per-sample L2 mean,
 weight 0.03) is ours and measured; ``hint_form='rms', hint_weight=0.34`` reproduces
 BYOT's term at its batch size 128 (see ``hint_form``).
-The teacher-free methods (PS-KD, CS-KD, Tf-KD-reg) are off by default; each one
-composes with the exits or works alone (``exit_indices=[]``).
+The teacher-free methods (PS-KD, CS-KD, Tf-KD-reg, Zipf's LS) are off by default;
+each one composes with the exits or works alone (``exit_indices=[]``).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class SelfDistillConfig:
             places one exit after every stage but the last, or, for plain token
             backbones, after the blocks at 1/4, 2/4 and 3/4 of the depth.
             Negative indices count from the end, as in Python. ``[]``: no exits,
-            for a teacher-free method alone (PS-KD, CS-KD, Tf-KD-reg).
+            for a teacher-free method alone (PS-KD, CS-KD, Tf-KD-reg, Zipf's LS).
         temperature: Softmax temperature T of the KD term (BYOT: 3.0).
         ce_weight: Weight of the label cross-entropy on every shallow exit
             (BYOT: 1 - alpha = 0.7).
@@ -92,6 +92,14 @@ class SelfDistillConfig:
             (ours: 20, in the range of the authors' CIFAR settings).
         tfkd_correct_prob: Tf-KD-reg's probability of the true class in the
             hand-made teacher (authors' code: 0.99).
+        zipf_weight: Zipf's LS's weight lambda of the KL term between Zipf
+            soft labels over the non-target classes (ranked by the deepest
+            classifier's own logits) and its non-target prediction, added to
+            the label loss at full weight (Liang et al., ECCV 2022; authors:
+            0.1 on CIFAR-100 and ImageNet, 1.0 on TinyImageNet and iNat21;
+            0 = off). Deepest classifier only.
+        zipf_power: Zipf's LS's exponent: the soft label of the non-target
+            class of rank r is proportional to r ** -power (authors: 1.0).
     """
 
     exit_indices: Optional[Sequence[int]] = None
@@ -109,6 +117,8 @@ class SelfDistillConfig:
     tfkd_weight: float = 0.0
     tfkd_temperature: float = 20.0
     tfkd_correct_prob: float = 0.99
+    zipf_weight: float = 0.0
+    zipf_power: float = 1.0
 
     def __post_init__(self) -> None:
         if self.exit_indices is not None:
@@ -139,6 +149,11 @@ class SelfDistillConfig:
         _check_weight("tfkd_correct_prob", self.tfkd_correct_prob)
         if not 0 < self.tfkd_correct_prob < 1:
             raise ValueError(f"tfkd_correct_prob must be in (0, 1), got {self.tfkd_correct_prob!r} (authors: 0.99).")
+        _check_weight("zipf_weight", self.zipf_weight)
+        if isinstance(self.zipf_power, bool) or not isinstance(self.zipf_power, (int, float)):
+            raise TypeError(f"zipf_power must be a number, got {type(self.zipf_power).__name__} ({self.zipf_power!r}).")
+        if not math.isfinite(self.zipf_power) or self.zipf_power <= 0:
+            raise ValueError(f"zipf_power must be a finite number > 0, got {self.zipf_power!r} (authors: 1.0).")
         if isinstance(self.exit_hidden_ratio, bool) or not isinstance(self.exit_hidden_ratio, (int, float)):
             raise TypeError(f"exit_hidden_ratio must be a number, got {type(self.exit_hidden_ratio).__name__}.")
         if not 0 < self.exit_hidden_ratio <= 4:

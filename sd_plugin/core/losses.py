@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import HINT_FORMS, SelfDistillConfig
-from .methods import PastPredictions, class_pair_kd, pskd_alpha_at, pskd_term, tfkd_reg_term
+from .methods import PastPredictions, class_pair_kd, pskd_alpha_at, pskd_term, tfkd_reg_term, zipf_term
 from .naming import exit_name
 from .outputs import SelfDistillOutput
 
@@ -144,9 +144,11 @@ def self_distill_losses(
 ) -> Dict[str, torch.Tensor]:
     """All loss terms, keyed ``loss_ce`` (deepest) and ``exit{k}_loss_{ce,kd,hint}`` (k = 1 is shallowest).
 
-    The teacher-free methods add ``loss_pskd``, ``loss_cskd`` and ``loss_tfkd``
-    on the deepest classifier when their weights are non-zero (PS-KD and
-    Tf-KD-reg also scale ``loss_ce`` by one minus their mixing weight).
+    The teacher-free methods add ``loss_pskd``, ``loss_cskd``, ``loss_tfkd`` and
+    ``loss_zipf`` on the deepest classifier when their weights are non-zero
+    (PS-KD and Tf-KD-reg also scale ``loss_ce`` by one minus their mixing
+    weight; Zipf's LS adds to ``loss_ce`` at full weight). None of them touches
+    the exits, whose terms stay BYOT's.
 
     A multi-label output (``output.multi_label``) distils with
     :func:`kd_binary_kl` (a sigmoid per class) instead of :func:`kd_kl_div`; the
@@ -179,13 +181,15 @@ def self_distill_losses(
                 ("pskd_alpha", config.pskd_alpha),
                 ("cskd_weight", config.cskd_weight),
                 ("tfkd_weight", config.tfkd_weight),
+                ("zipf_weight", config.zipf_weight),
             )
             if w > 0
         ]
         if methods:
             raise ValueError(
-                f"{', '.join(methods)} > 0: PS-KD, CS-KD and Tf-KD-reg distil one softmax over the classes and do "
-                "not apply to a multi-label classifier (a sigmoid per class); set them to 0 (BYOT's exit terms work)."
+                f"{', '.join(methods)} > 0: PS-KD, CS-KD, Tf-KD-reg and Zipf's LS distil one softmax over the classes "
+                "and do not apply to a multi-label classifier (a sigmoid per class); set them to 0 (BYOT's exit terms "
+                "work)."
             )
     kd_fn = kd_binary_kl if output.multi_label else kd_kl_div
     losses: Dict[str, torch.Tensor] = {}
@@ -205,6 +209,9 @@ def self_distill_losses(
         reg = tfkd_reg_term(output.logits, target, config.tfkd_correct_prob, config.tfkd_temperature)
         method_terms["loss_tfkd"] = config.deepest_weight * config.tfkd_weight * reg
         label_scale *= 1.0 - config.tfkd_weight
+    if config.zipf_weight > 0:
+        zipf = zipf_term(output.logits, target, config.zipf_power)
+        method_terms["loss_zipf"] = config.deepest_weight * config.zipf_weight * zipf
     if config.cskd_weight > 0:
         hard = target if target.dim() == 1 else None
         method_terms["loss_cskd"] = config.cskd_weight * class_pair_kd(output.logits, config.cskd_temperature, hard)
@@ -348,6 +355,7 @@ class SelfDistillLoss(nn.Module):
             f"temperature={c.temperature}, ce_weight={c.ce_weight}, kd_weight={c.kd_weight}, "
             f"hint_weight={c.hint_weight}, hint_form={c.hint_form!r}, deepest_weight={c.deepest_weight}, "
             f"pskd_alpha={c.pskd_alpha}, cskd_weight={c.cskd_weight}, tfkd_weight={c.tfkd_weight}, "
+            f"zipf_weight={c.zipf_weight}, "
             f"label_smoothing={self.label_smoothing}, distill_scale={self.distill_scale}"
         )
 

@@ -1,10 +1,12 @@
-"""Benchmark arms: names such as ``ce``, ``ls``, ``byot``, ``byot+ls``, ``pskd``, ``cskd+ls`` and what they train.
+"""Benchmark arms: names such as ``ce``, ``ls``, ``byot``, ``byot+ls``, ``pskd``, ``cskd+ls``, ``byot+zipf`` and what
+they train.
 
 An arm is ``+``-joined components: ``ce`` (plain cross-entropy, alone), ``ls``
 (label smoothing 0.1 on every label loss), ``byot`` (exits with sd_plugin's
 defaults), ``byotrms`` (exits with the hint that reproduces BYOT's at batch 128:
 ``hint_form='rms', hint_weight=0.34``), ``pskd`` (PS-KD, a_T = 0.8), ``cskd`` (CS-KD, weight 1, T = 4,
-class-pair sampler), ``tfkd`` (Tf-KD-reg, weight 0.1, T = 20), ``mixup`` and ``cutmix`` (the framework's own
+class-pair sampler), ``tfkd`` (Tf-KD-reg, weight 0.1, T = 20), ``zipf`` (Zipf's LS, the authors' weight 0.1 and
+power 1, classes ranked by the deepest logits), ``mixup`` and ``cutmix`` (the framework's own
 batch augments: MMPretrain ``train_cfg.augments``, timm ``Mixup``; alpha 1.0, applied to every batch, soft-target
 cross-entropy). Methods without ``byot`` run on the same model with no exits.
 """
@@ -41,6 +43,7 @@ COMPONENTS: Dict[str, Dict[str, Any]] = {
     "pskd": {"pskd_alpha": 0.8},
     "cskd": {"cskd_weight": 1.0, "cskd_temperature": 4.0},
     "tfkd": {"tfkd_weight": 0.1, "tfkd_temperature": 20.0},
+    "zipf": {"zipf_weight": 0.1, "zipf_power": 1.0},
     "mixup": {},
     "cutmix": {},
 }
