@@ -1,12 +1,16 @@
-"""Process-group set-up so that mmengine's ``launcher='pytorch'`` also trains on CPU-only machines.
+"""Process-group set-up: the one place that starts torch.distributed from torchrun's environment.
 
+:func:`init_process_group_from_env` serves both training routes (``tools/train.py`` on CPU processes, and
+``tools/train_timm.py`` through :func:`sd_plugin.timm_adapter._train_utils.setup_distributed`).
+
+It also lets mmengine's ``launcher='pytorch'`` train on CPU-only machines.
 mmengine's own launcher (``mmengine.dist.init_dist``) calls
 ``torch.cuda.set_device`` and wraps the model with ``device_ids=[LOCAL_RANK]``,
 both of which fail without a GPU. On a CPU-only machine we therefore initialise
 the gloo process group ourselves from torchrun's environment variables before
 ``Runner.from_cfg`` (mmengine then sees an initialised group and skips its own
 launcher) and ask for ``MMDistributedDataParallel`` without device ids. With
-GPUs nothing here runs, so mmengine behaves exactly as it always does.
+GPUs the mmengine route uses none of this: mmengine behaves exactly as it always does.
 """
 
 from __future__ import annotations
@@ -14,12 +18,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistEnv", "read_dist_env", "init_process_group_from_env", "prepare_mmengine_cpu_ddp"]
+__all__ = ["DistEnv", "MM_LAUNCH", "read_dist_env", "init_process_group_from_env", "prepare_mmengine_cpu_ddp"]
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -35,15 +39,24 @@ class DistEnv:
     world_size: int
 
 
-def read_dist_env() -> DistEnv:
-    """Read torchrun's variables; raise a ValueError that says how to launch when they are missing."""
+#: What needs torchrun's variables and how to start it under torchrun (``tools/train.py``'s words by default).
+MM_LAUNCH = (
+    "--launcher pytorch",
+    "Start the script with `torchrun --nproc_per_node=N tools/train.py CONFIG --launcher pytorch`, or use "
+    "--launcher none for a single process.",
+)
+
+
+def read_dist_env(launch: Tuple[str, str] = MM_LAUNCH) -> DistEnv:
+    """Read torchrun's variables; raise a ValueError that says how to launch when they are missing.
+
+    Args:
+        launch: (what needs the variables, how to start it) for that error.
+    """
     missing = [v for v in _TORCHRUN_VARS if v not in os.environ]
     if missing:
-        raise ValueError(
-            f"--launcher pytorch needs the variables torchrun sets, but {missing} are not set. Start the "
-            "script with `torchrun --nproc_per_node=N tools/train.py CONFIG --launcher pytorch`, or use "
-            "--launcher none for a single process."
-        )
+        what, how = launch
+        raise ValueError(f"{what} needs the variables torchrun sets, but {missing} are not set. {how}")
     try:
         env = DistEnv(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
     except ValueError:
@@ -56,14 +69,17 @@ def read_dist_env() -> DistEnv:
     return env
 
 
-def init_process_group_from_env(backend: Optional[str] = None, timeout_s: float = 1800.0) -> DistEnv:
+def init_process_group_from_env(
+    backend: Optional[str] = None, timeout_s: Optional[float] = 1800.0, launch: Tuple[str, str] = MM_LAUNCH
+) -> DistEnv:
     """Initialise the default process group from torchrun's ``env://`` variables (idempotent).
 
     Args:
         backend: ``'gloo'`` or ``'nccl'``; default nccl with CUDA, gloo without.
-        timeout_s: Collective timeout in seconds.
+        timeout_s: Collective timeout in seconds (None: torch's default for the backend).
+        launch: How to start the job, for the error when torchrun's variables are missing (:func:`read_dist_env`).
     """
-    env = read_dist_env()
+    env = read_dist_env(launch)
     if dist.is_initialized():
         return env
     if backend is None:
@@ -75,7 +91,7 @@ def init_process_group_from_env(backend: Optional[str] = None, timeout_s: float 
         init_method="env://",
         rank=env.rank,
         world_size=env.world_size,
-        timeout=timedelta(seconds=timeout_s),
+        timeout=None if timeout_s is None else timedelta(seconds=timeout_s),
     )
     return env
 

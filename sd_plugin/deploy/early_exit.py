@@ -31,6 +31,7 @@ __all__ = [
     "early_exit_forward",
     "forward_with_features",
     "intercepting",
+    "run_segment",
 ]
 
 
@@ -98,6 +99,36 @@ def intercepting(model: Any, fn: Callable[[int, torch.Tensor, Any], Any]) -> Any
     engine's taps are persistent and its sessions per thread, so nothing is registered per call).
     """
     return _engine(model).intercept(fn)
+
+
+def run_segment(
+    model: Any,
+    inputs: torch.Tensor,
+    start: Optional[int] = None,
+    stop: Optional[int] = None,
+    example: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``model``'s forward from exit point ``start`` to exit point ``stop`` (0-based; :meth:`ExitEngine.run_segment`).
+
+    Args:
+        model: A :class:`~sd_plugin.core.MultiExitModel`.
+        inputs: The images (``start`` None), or point ``start``'s feature, handed on in place of what the model
+            computed there from ``example``.
+        start: The exit point the segment starts from; None: from the images.
+        stop: The exit point whose feature is returned (later modules do not run); None: the deepest logits.
+        example: Images of the right shape that the model runs up to ``start`` (needed with ``start``: their
+            features there are replaced, so with a graph exporter only ``inputs`` reach the result).
+    """
+    mx = as_multi_exit(model)
+    images, value = inputs, None
+    if start is not None:
+        if example is None:
+            raise ValueError("a segment that starts at an exit point needs example images to run the model up to it.")
+        images, value = example, inputs
+    return cast(
+        torch.Tensor,
+        _engine(model).run_segment(lambda: mx.forward_deepest(images), start=start, value=value, stop=stop),
+    )
 
 
 def forward_with_features(model: Any, inputs: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:

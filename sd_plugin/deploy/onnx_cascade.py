@@ -8,8 +8,9 @@ and exit graph ``k`` maps point ``k``'s feature to that exit's logits.
 samples to the next segment, exactly as :class:`~sd_plugin.deploy.EarlyExitModel` does.
 
 Any backbone is cut the same way, without knowing its code: the model's own
-forward runs with an intercept that replaces point ``k``'s output by the graph
-input and stops at point ``k + 1``; the exporter's dead-code elimination drops
+forward runs as one segment (:func:`~sd_plugin.deploy.early_exit.run_segment`):
+point ``k``'s output is replaced by the graph input and the pass stops at point
+``k + 1``; the exporter's dead-code elimination drops
 every operation before point ``k`` (their inputs are constants), so a segment
 graph holds only its own stage's weights.
 
@@ -33,9 +34,8 @@ import torch
 import torch.nn as nn
 
 from .._io import atomic_write, atomic_write_path
-from ..core import MultiExitModel, StopForward
 from ..core.naming import exit_name
-from .early_exit import as_multi_exit, intercepting
+from .early_exit import as_multi_exit, run_segment
 from .policy import ExitPolicy
 
 __all__ = ["CascadeOutput", "OnnxCascade", "export_cascade"]
@@ -44,16 +44,9 @@ MANIFEST = "cascade.json"
 MANIFEST_FORMAT = "sd_plugin.onnx_cascade/1"
 
 
-def _replace(value: Any, new: torch.Tensor, k: int) -> Any:
-    if isinstance(value, torch.Tensor):
-        return new
-    if isinstance(value, tuple) and len(value) >= 1 and isinstance(value[0], torch.Tensor):  # a pre-hook's inputs
-        return (new, *value[1:])
-    raise ValueError(f"exit point {k + 1} gives a {type(value).__name__}; the ONNX cascade needs a tensor there.")
-
-
 class _Segment(nn.Module):
-    """The model's forward from point ``start``'s value (or the images) to point ``stop``'s (or the logits)."""
+    """The model's forward from point ``start``'s value (or the images) to point ``stop``'s (or the logits);
+    ``example`` (images) runs the model up to ``start``."""
 
     def __init__(self, model: nn.Module, start: Optional[int], stop: Optional[int], example: torch.Tensor) -> None:
         super().__init__()
@@ -63,26 +56,7 @@ class _Segment(nn.Module):
         self.example = example
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mx: MultiExitModel = self.model  # type: ignore[assignment]
-        found: List[torch.Tensor] = []
-
-        def cut(k: int, feature: torch.Tensor, value: Any) -> Any:
-            if k == self.stop:
-                found.append(feature)
-                raise StopForward
-            if k == self.start:
-                return _replace(value, x, k)
-            return None
-
-        images = x if self.start is None else self.example
-        try:
-            with intercepting(self.model, cut):
-                logits = mx.forward_deepest(images)
-        except StopForward:
-            return found[0]
-        if self.stop is not None:
-            raise RuntimeError(f"the forward pass never reached exit point {self.stop + 1}.")
-        return logits
+        return run_segment(self.model, x, self.start, self.stop, self.example)
 
 
 class _Exit(nn.Module):
@@ -209,7 +183,9 @@ def _read_manifest(path: Path) -> Dict[str, Any]:
     try:
         m = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path} is not an sd_plugin ONNX cascade manifest (not JSON: {err}).") from err
+        raise ValueError(
+            f"{path} is not an sd_plugin ONNX cascade manifest (not JSON: {err}); write it with export_cascade(...)."
+        ) from err
     if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT:
         raise ValueError(f"{path} is not an sd_plugin ONNX cascade manifest (no format {MANIFEST_FORMAT!r}).")
     for key in ("segments", "exits"):

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Any, List, Optional, Tuple, cast
+from typing import Optional, Tuple, cast
 
 import torch
 import torch.nn as nn
 
-from ..core import MultiExitModel, StopForward
+from ..core import MultiExitModel
 from ..core.naming import ExitRef, exit_name, resolve_exit
 from ._trace import modules_run, replace_with_identity, unused_subtrees
-from .early_exit import as_multi_exit, intercepting
+from .early_exit import as_multi_exit, run_segment
 
 __all__ = ["TruncatedModel", "truncate"]
 
@@ -20,8 +20,8 @@ __all__ = ["TruncatedModel", "truncate"]
 class TruncatedModel(nn.Module):
     """``exit``'s logits from images; the stages after that exit never run.
 
-    The model's forward stops with :class:`~sd_plugin.core.StopForward` once
-    the exit's feature exists (through the model's exit engine). With an
+    The model's forward stops once the exit's feature exists
+    (:func:`~sd_plugin.deploy.early_exit.run_segment`, the model's exit engine). With an
     ``example_input`` the submodules the truncated pass never runs (later stages,
     the other exits, the deepest head) are replaced by ``nn.Identity``, so their
     weights are gone; the result is checked against the unpruned model on the example.
@@ -64,22 +64,7 @@ class TruncatedModel(nn.Module):
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         if self.is_deepest:
             return self._mx.forward_deepest(inputs)
-        target = self._index
-        found: List[torch.Tensor] = []
-
-        def grab(k: int, feature: torch.Tensor, value: Any) -> None:
-            if k == target:
-                found.append(feature)
-                raise StopForward
-
-        try:
-            with intercepting(self.model, grab):
-                self._mx.forward_deepest(inputs)
-        except StopForward:
-            pass
-        if not found:
-            raise RuntimeError(f"the forward pass never reached exit point {self._mx.exit_points[target].module!r}.")
-        return self._mx.forward_exit(target, found[0])
+        return self._mx.forward_exit(self._index, run_segment(self.model, inputs, stop=self._index))
 
     @torch.no_grad()
     def _prune(self, example: torch.Tensor) -> None:

@@ -6,7 +6,6 @@ import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from datetime import timedelta
 from typing import Any, Callable, ContextManager, Dict, List, Optional, Tuple
 
 import torch
@@ -14,6 +13,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
+from .._dist import init_process_group_from_env
 from ..core import SelfDistillOutput
 from ..core.naming import exit_names
 
@@ -48,8 +48,17 @@ class DistInfo:
         return self.rank == 0
 
 
+#: For the error when WORLD_SIZE says distributed but other torchrun variables are missing.
+_TIMM_LAUNCH = (
+    "a distributed run (WORLD_SIZE > 1)",
+    "Start it with `torchrun --nproc_per_node=N tools/train_timm.py ...`, or unset WORLD_SIZE for a single process.",
+)
+
+
 def setup_distributed(device: str, timeout_s: Optional[float] = None) -> DistInfo:
     """Init torch DDP when launched by torchrun (gloo on CPU, nccl on CUDA); a single process otherwise.
+
+    The process group starts in :func:`sd_plugin._dist.init_process_group_from_env` (torchrun's variables).
 
     Args:
         device: ``'cpu'`` or ``'cuda'``.
@@ -66,8 +75,7 @@ def setup_distributed(device: str, timeout_s: Optional[float] = None) -> DistInf
         dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
-        timeout = None if timeout_s is None else timedelta(seconds=timeout_s)  # None: torch's default
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", timeout=timeout)
+        init_process_group_from_env("nccl" if dev.type == "cuda" else "gloo", timeout_s, _TIMM_LAUNCH)
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), device=dev)
 
 

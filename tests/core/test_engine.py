@@ -14,6 +14,7 @@ import sd_plugin.core.engine._find as engine_module
 from sd_plugin.core import SelfDistillConfig
 from sd_plugin.core.engine import ExitEngine, ExitPoint, StopForward, find_exit_layout, select_feature
 from sd_plugin.core.engine._cuts import is_cut, is_value_cut
+from sd_plugin.core.engine._points import replace_feature
 from sd_plugin.core.engine._probe import probe_mode
 
 CFG = SelfDistillConfig()
@@ -212,6 +213,54 @@ def test_run_to_stops_the_forward_after_the_exit() -> None:
         model.get_submodule(name).register_forward_pre_hook(lambda m, a, n=name: calls.append(n))
     feature = engine.run_to(1, lambda: model(torch.randn(2, 3, 64, 64)))
     assert feature.shape == (2, 16, 8, 8) and calls == ["block2"]
+
+
+def test_run_segment_chains_to_the_whole_forward() -> None:
+    """Images -> point 0 -> point 1 -> logits, each piece fed only the previous piece's result."""
+    model, engine = _engine()
+    x = torch.randn(2, 3, 64, 64)
+    other = torch.randn(2, 3, 64, 64)
+    f0 = engine.run_segment(lambda: model(x), stop=0)
+    f1 = engine.run_segment(lambda: model(other), start=0, value=f0, stop=1)
+    logits = engine.run_segment(lambda: model(other), start=1, value=f1)
+    assert torch.equal(f0, engine.run_to(0, lambda: model(x)))
+    assert torch.allclose(logits, model(x), atol=1e-6)
+    assert torch.equal(model(x), model(x))  # no session left behind
+
+
+def test_run_segment_errors() -> None:
+    model, engine = _engine()
+    x = torch.randn(2, 3, 64, 64)
+    f1 = engine.run_to(1, lambda: model(x))
+    with pytest.raises(ValueError, match="out of range"):
+        engine.run_segment(lambda: model(x), stop=len(engine.points))
+    with pytest.raises(ValueError, match="out of range"):
+        engine.run_to(True, lambda: model(x))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="start=1, stop=0"):
+        engine.run_segment(lambda: model(x), start=1, value=f1, stop=0)
+    with pytest.raises(ValueError, match="both start and value"):
+        engine.run_segment(lambda: model(x), start=1)
+    with pytest.raises(RuntimeError, match="never reached exit point 'block3'"):
+        engine.run_segment(lambda: model.block1(model.down1(x)), stop=2)
+    with pytest.raises(RuntimeError, match="never reached exit point 'block2'"):
+        engine.run_segment(lambda: model.block1(model.down1(x)), start=1, value=f1)
+
+
+def test_replace_feature_inverts_select_feature() -> None:
+    new = torch.zeros(2, 4)
+    pre = ExitPoint("m", "NC", 4, hook="forward_pre")
+    args = (torch.ones(2, 4), "mask")
+    assert replace_feature(args, pre, new) == (new, "mask")
+    second = ExitPoint("m", "NC", 4, output_index=1)
+    out = [torch.ones(2, 1), torch.ones(2, 4)]
+    got = replace_feature(out, second, new)
+    assert isinstance(got, list) and got[0] is out[0] and got[1] is new
+    groups = ExitPoint("m", "NLC", 8)
+    tokens = torch.randn(2, 3, 2, 2, 8)  # channels-last token groups: select_feature flattens them
+    back = replace_feature(tokens, groups, select_feature(tokens, groups))
+    assert torch.equal(back, tokens)
+    with pytest.raises(TypeError, match="output_index"):
+        replace_feature({"a": new}, ExitPoint("m", "NC", 4), new)
 
 
 def test_intercept_hands_on_fewer_samples() -> None:

@@ -87,3 +87,17 @@ def test_exit_costs_grow_with_depth():
     stem_stage0 = torch.nn.Sequential(model.net.stem, model.net.stages[0])
     assert costs.flops[0] - costs.exit_flops[0] == int(FlopAnalyzer(stem_stage0, (x,)).total())
     assert costs.answer_costs()[2] == costs.flops[2] + sum(costs.exit_flops)
+
+
+@torch.no_grad()
+def test_run_segment_pieces_give_the_deepest_logits():
+    """The one "run from point a to point b" (TruncatedModel and the ONNX cascade's segments use it)."""
+    from sd_plugin.deploy.early_exit import run_segment
+
+    model, x = toy(), torch.randn(2, 3, 16, 16)
+    example = torch.randn(1, 3, 16, 16)
+    f0 = run_segment(model, x, stop=0)
+    f1 = run_segment(model, f0, start=0, stop=1, example=example)
+    torch.testing.assert_close(run_segment(model, f1, start=1, example=example), model.forward_deepest(x))
+    with pytest.raises(ValueError, match="needs example images"):
+        run_segment(model, f0, start=0)

@@ -362,3 +362,22 @@ def test_catalogue_in_docs_matches_the_tests():
     readme = (here.parents[1] / "README.md").read_text()
     counts = re.findall(r"(\d+)\s+kinds\s+of\s+bad\s+input", readme)
     assert counts == [str(len(rows))], f"README says {counts} kinds of bad input, docs/errors.md has {len(rows)} rows"
+
+
+def test_B34_calibration_set_too_small_for_the_target():
+    # With 200 held-out samples even exits that never err are bounded by no less than 1 - 0.1 ** (1 / 200) = 1.1
+    # points at delta = 0.1 (Clopper-Pearson, all 200 used): no early exit is certified within half a point, and the
+    # error says what the data does support and how many samples the target needs.
+    from sd_plugin.deploy import calibrate
+    from sd_plugin.deploy.calibrate import ExitLogits
+
+    g = torch.Generator().manual_seed(0)
+    targets = torch.randint(0, 10, (200,), generator=g)
+    logits = torch.randn(4, 200, 10, generator=g) + 8 * nn.functional.one_hot(targets, 10)  # every exit right
+    with raises_documented("B34", ValueError) as err:
+        calibrate(ExitLogits(logits, targets), max_drop=0.5)
+    smallest, needed = re.search(
+        r"certifies is about ([0-9.]+).* at least about (\d+) calibration", str(err.value)
+    ).groups()
+    assert float(smallest) > 100 * (1 - 0.1 ** (1 / 200)) and int(needed) > 200
+    assert calibrate(ExitLogits(logits, targets), max_drop=0.5, method="empirical").num_exits == 3

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _rel_helpers import raises_documented
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "demo_data" / "cifar10_mini"
@@ -59,7 +60,7 @@ def test_train_timm_resume_loader_refuses_a_crafted_checkpoint(tmp_path, marker)
     from tools.train_timm import _load_resume_checkpoint
 
     path = _crafted(tmp_path / "checkpoint-last.pth", marker, epoch=1, state_dict={}, optimizer={}, scheduler={})
-    with pytest.raises(ValueError, match="--resume") as err:
+    with raises_documented("B31", ValueError, match="--resume") as err:
         _load_resume_checkpoint(str(path))
     _refused(err, path, marker)
 
@@ -95,7 +96,7 @@ def test_strip_checkpoint_refuses_a_crafted_file(tmp_path, marker):
     from sd_plugin.deploy import strip_checkpoint
 
     path = _crafted(tmp_path / "epoch_1.pth", marker, state_dict={"backbone.w": torch.zeros(1)})
-    with pytest.raises(ValueError) as err:
+    with raises_documented("B31", ValueError) as err:
         strip_checkpoint(path, tmp_path / "plain.pth")
     _refused(err, path, marker)
     assert not (tmp_path / "plain.pth").exists()
@@ -110,7 +111,7 @@ def test_mmengine_load_checkpoint_refuses_a_crafted_file(tmp_path, marker):
 
     install_scoped_mmengine_loader()
     path = _crafted(tmp_path / "epoch_1.pth", marker, state_dict={})
-    with pytest.raises(ValueError) as err:
+    with raises_documented("B31", ValueError) as err:
         CheckpointLoader.load_checkpoint(str(path), map_location="cpu")
     _refused(err, path, marker)
 
@@ -120,7 +121,7 @@ def test_policy_file_that_is_not_json_is_refused(tmp_path, marker):
 
     path = tmp_path / "policy.json"
     path.write_bytes(pickle.dumps(_RunsCode(marker)))
-    with pytest.raises(ValueError, match="not an exit policy file") as err:
+    with raises_documented("B32", ValueError, match="not an exit policy file") as err:
         ExitPolicy.load(path)
     assert str(path) in str(err.value)
     assert not marker.exists()
@@ -131,7 +132,7 @@ def test_cascade_manifest_that_is_not_json_is_refused(tmp_path, marker):
     from sd_plugin.deploy import OnnxCascade
 
     (tmp_path / "cascade.json").write_bytes(pickle.dumps(_RunsCode(marker)))
-    with pytest.raises(ValueError, match="not an sd_plugin ONNX cascade manifest") as err:
+    with raises_documented("B32", ValueError, match="not an sd_plugin ONNX cascade manifest") as err:
         OnnxCascade(tmp_path)
     assert str(tmp_path / "cascade.json") in str(err.value)
     assert not marker.exists()
@@ -150,5 +151,5 @@ def test_cascade_manifest_cannot_name_graphs_outside_its_folder(tmp_path):
         "criterion": "max_prob",
     }
     (tmp_path / "cascade.json").write_text(json.dumps(manifest))
-    with pytest.raises(ValueError, match="bare file name"):
+    with raises_documented("B33", ValueError, match="bare file name"):
         OnnxCascade(tmp_path)

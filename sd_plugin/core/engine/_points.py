@@ -8,7 +8,15 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-__all__ = ["ExitPoint", "StopForward", "select_feature", "get_submodule", "tap_module", "FEATURE_FORMATS"]
+__all__ = [
+    "ExitPoint",
+    "StopForward",
+    "select_feature",
+    "replace_feature",
+    "get_submodule",
+    "tap_module",
+    "FEATURE_FORMATS",
+]
 
 from ..exits import FEATURE_FORMATS  # 'NLC' also takes channels-last token groups (N, L, h, w, C), flattened
 
@@ -87,3 +95,25 @@ def select_feature(value: Any, point: ExitPoint) -> torch.Tensor:
     if point.fmt == "NLC" and value.dim() > 3:
         value = value.flatten(1, -2)
     return value
+
+
+def replace_feature(value: Any, point: ExitPoint, new: torch.Tensor) -> Any:
+    """``value`` (a hooked module's output, or its input tuple for a pre-hook) with the tensor that
+    :func:`select_feature` reads there replaced by ``new`` (in the value's own layout): what a hook returns to hand
+    ``new`` on instead."""
+    index = point.output_index
+    if index is None and isinstance(value, (tuple, list)) and point.hook == "forward_pre":
+        index = 0
+    old = value if index is None else value[index] if isinstance(value, (tuple, list)) else None
+    if not isinstance(old, torch.Tensor):
+        raise TypeError(
+            f"module {point.module!r} gives a {type(value).__name__} without a tensor at the feature's place, so no "
+            "feature can be handed on there; set output_index to the element that holds the feature."
+        )
+    if point.fmt == "NLC" and old.dim() > 3 and new.dim() == 3:
+        new = new.reshape(new.shape[0], *old.shape[1:])  # select_feature flattened the token groups
+    if index is None:
+        return new
+    items = list(value)
+    items[index] = new
+    return tuple(items) if isinstance(value, tuple) else items

@@ -2,7 +2,7 @@
 
 :class:`ExitEngine` registers one forward hook (or pre-hook) per exit point once,
 when it is built. A hook does nothing unless the *calling thread* has opened a
-session (:meth:`ExitEngine.capture`, :meth:`ExitEngine.run_to`,
+session (:meth:`ExitEngine.capture`, :meth:`ExitEngine.run_segment`,
 :meth:`ExitEngine.intercept`), so the model computes exactly what it computed
 before, costs one Python call per tapped module when no session is open, and one
 engine serves many threads at once: sessions live in thread-local storage and no
@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 import torch.nn as nn
 
-from ._points import ExitPoint, StopForward, select_feature, tap_module
+from ._points import ExitPoint, StopForward, replace_feature, select_feature, tap_module
 
 __all__ = ["ExitEngine", "Capture", "InterceptFn"]
 
@@ -62,15 +62,31 @@ class _Session:
 
 
 class _CaptureSession(_Session):
-    def __init__(self, capture: Capture, stop_after: Optional[int] = None) -> None:
+    def __init__(self, capture: Capture) -> None:
         self.capture = capture
-        self.stop_after = stop_after
 
     def on_point(self, k: int, value: Any) -> Any:
-        if self.stop_after is None or k == self.stop_after:
+        self.capture.record(k, value)
+        return None
+
+
+class _SegmentSession(_Session):
+    """Hands ``value`` on in place of point ``start``'s feature; records point ``stop``'s and ends the pass there."""
+
+    def __init__(
+        self, capture: Capture, start: Optional[int], value: Optional[torch.Tensor], stop: Optional[int]
+    ) -> None:
+        self.capture = capture
+        self.start, self.value, self.stop = start, value, stop
+        self.started = start is None
+
+    def on_point(self, k: int, value: Any) -> Any:
+        if k == self.stop:
             self.capture.record(k, value)
-        if k == self.stop_after:
             raise StopForward
+        if k == self.start and self.value is not None:
+            self.started = True
+            return replace_feature(value, self.capture.points[k], self.value)
         return None
 
 
@@ -114,6 +130,7 @@ class ExitEngine:
         ...     logits = model(x)
         >>> feats = cap.features
         >>> f1 = engine.run_to(0, lambda: model(x))  # stops the forward right after exit point 0
+        >>> f2 = engine.run_segment(lambda: model(x), start=0, value=f1, stop=1)  # exit point 0 to point 1
     """
 
     def __init__(self, root: nn.Module, points: Sequence[ExitPoint], extra: Sequence[ExitPoint] = ()) -> None:
@@ -186,16 +203,58 @@ class ExitEngine:
         with self._session(_CaptureSession(cap)):
             yield cap
 
-    def run_to(self, k: int, forward: Callable[[], Any]) -> torch.Tensor:
-        """Run ``forward()`` until exit point ``k`` (0-based) has its feature; later modules do not run."""
+    def _check_point(self, k: Any) -> None:
         if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < len(self.points):
             raise ValueError(f"exit point {k!r} is out of range: this model has points 0..{len(self.points) - 1}.")
-        cap = Capture(self.points)
-        with self._session(_CaptureSession(cap, stop_after=k)), contextlib.suppress(StopForward):
-            forward()
-        if k not in cap._values:
-            raise RuntimeError(f"the forward pass never reached exit point {self.points[k].module!r}.")
-        return cap._values[k]
+
+    def _never_reached(self, k: int) -> RuntimeError:
+        return RuntimeError(f"the forward pass never reached exit point {self.points[k].module!r}.")
+
+    def run_segment(
+        self,
+        forward: Callable[[], Any],
+        *,
+        start: Optional[int] = None,
+        value: Optional[torch.Tensor] = None,
+        stop: Optional[int] = None,
+    ) -> Any:
+        """Run ``forward()`` from point ``start`` to point ``stop`` (0-based; this thread only).
+
+        Args:
+            forward: Runs the model (on any input of the right shape when ``start`` is given).
+            start: The point whose feature ``value`` replaces: the model hands ``value`` on from there, so what it
+                computed before that point does not reach the result. None: from the model's input.
+            value: The feature handed on at ``start`` (required with it).
+            stop: The point whose feature is returned; the pass ends there and later modules do not run. None:
+                ``forward()``'s own result is returned.
+        """
+        for k in (start, stop):
+            if k is not None:
+                self._check_point(k)
+        if (start is None) != (value is None):
+            raise ValueError("run_segment needs both start and value, or neither.")
+        if start is not None and stop is not None and not start < stop:
+            raise ValueError(f"a segment runs from an earlier point to a later one, got start={start}, stop={stop}.")
+        session = _SegmentSession(Capture(self.points), start, value, stop)
+        result = None
+        with self._session(session):
+            try:
+                result = forward()
+            except StopForward:
+                if stop is None:
+                    raise
+        if start is not None and not session.started:
+            raise self._never_reached(start)
+        if stop is None:
+            return result
+        if stop not in session.capture._values:
+            raise self._never_reached(stop)
+        return session.capture._values[stop]
+
+    def run_to(self, k: int, forward: Callable[[], Any]) -> torch.Tensor:
+        """Run ``forward()`` until exit point ``k`` (0-based) has its feature; later modules do not run."""
+        self._check_point(k)  # k=None would be stop=None there: the whole pass
+        return self.run_segment(forward, stop=k)
 
     def check_gradients(self, features: Sequence[torch.Tensor]) -> None:
         """Raise when a trainable point's feature carries no gradient in a training pass with autograd on.
