@@ -115,6 +115,41 @@ def test_report_on_a_train_timm_checkpoint(timm_run, tmp_path):
 
 
 @pytest.mark.timm
+@pytest.mark.parametrize("onnx", [True, False])
+def test_report_times_the_operating_points_of_both_methods(timm_run, tmp_path, onnx):
+    """--timing: measured speed-ups per operating point (eager, ONNX unless --no-onnx) next to the FLOPs-ideal,
+    for every --method; the figures are not checked (timings), their presence and bookkeeping are."""
+    run, _ = timm_run
+    has_onnx = onnx and all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime"))
+    report = _report(
+        tmp_path, run / "checkpoint-last.pth", "--calib-split", "train", "--calib-samples", "64",
+        "--max-drops", "50", "--method", "guaranteed", "empirical", "--timing", "--repeats", "1", "--b1-images", "2",
+        *([] if onnx else ["--no-onnx"]),
+    )  # fmt: skip
+    assert report["calib_methods"] == ["guaranteed", "empirical"]
+    assert [p["method"] for p in report["operating_points"]] == ["guaranteed", "empirical"]
+    assert (report["timing"]["onnx_not_timed"] is None) == has_onnx
+    if not onnx:
+        assert report["timing"]["onnx_not_timed"] == "--no-onnx"
+    backends = ["eager", "onnx"] if has_onnx else ["eager"]
+    timed = [p for p in report["operating_points"] if "error" not in p]
+    assert timed, report["operating_points"]
+    for p in timed:
+        speed = {k for k in p if "_speedup_" in k or "_aa_" in k}
+        assert speed == {f"{k}_{f}_{b}" for k in backends for f in ("speedup", "aa") for b in ("b1", "b32")}
+        assert all(p[k] > 0 for k in speed)
+        ratio = p["measured_over_ideal"]
+        assert ratio == {f"{k}_{b}": pytest.approx(p[f"{k}_speedup_{b}"] / p["ideal_speedup"]) for k in backends
+                         for b in ("b1", "b32")}  # fmt: skip
+    md = (tmp_path / "r.md").read_text()
+    head = next(line for line in md.splitlines() if line.startswith("| method |"))
+    assert "| FLOPs-ideal | eager b1 (A/A) | eager b32 (A/A) |" in head and "eager ÷ ideal (b1, b32)" in head
+    assert ("ONNX b1 (A/A) | ONNX b32 (A/A) |" in head) == has_onnx and ("ONNX ÷ ideal" in head) == has_onnx
+    assert "| guaranteed | 50.0 |" in md and "| empirical | 50.0 |" in md
+    assert "A/A: the noise floor" in md
+
+
+@pytest.mark.timm
 def test_report_refuses_to_calibrate_on_the_test_split(timm_run, tmp_path, capsys):
     run, _ = timm_run
     argv = ["report", str(run / "checkpoint-last.pth"), "--data", str(DATA), "--calib-split", "test"]
@@ -172,6 +207,8 @@ def test_the_cli_defaults_are_the_library_defaults():
     args = build_parser().parse_args(["calibrate", "ckpt.pth", "--data", "d", "--max-drop", "1", "-o", "p.json"])
     params = inspect.signature(calibrate).parameters
     assert (args.method, args.delta) == (params["method"].default, params["delta"].default)
+    report = build_parser().parse_args(["report", "ckpt.pth", "--data", "d"])
+    assert (report.method, report.delta) == ([params["method"].default], params["delta"].default)
 
 
 @pytest.mark.timm

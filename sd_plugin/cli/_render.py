@@ -5,9 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from ..deploy.speed import BATCHES
+
 __all__ = ["markdown", "plot"]
 
 MEGA = 1e6
+NAMES = {"eager": "eager", "onnx": "ONNX"}
 PLOT_SIZE = (6, 4)
 PLOT_DPI = 110
 
@@ -34,28 +37,60 @@ def _exit_table(report: Dict[str, Any]) -> List[str]:
     return lines
 
 
+def _backends(report: Dict[str, Any]) -> List[str]:
+    """The timed backends of the operating points: eager PyTorch, and ONNX Runtime unless it was not timed."""
+    if "timing" not in report:
+        return []
+    return ["eager"] + ["onnx"] * (report["timing"]["onnx_not_timed"] is None)
+
+
+def _speed_cells(p: Dict[str, Any], backends: List[str]) -> str:
+    if not backends:
+        return ""
+    cells = [f"{p[f'{k}_speedup_{b}']:.2f}x ({p[f'{k}_aa_{b}']:.2f})" for k in backends for b in BATCHES]
+    ratio = p["measured_over_ideal"]
+    cells += [", ".join("-" if ratio is None else f"{ratio[f'{k}_{b}']:.2f}" for b in BATCHES) for k in backends]
+    return "".join(f" {c} |" for c in cells)
+
+
 def _points_table(report: Dict[str, Any]) -> List[str]:
-    timed = "timing" in report
-    head = "| max drop | thresholds | top-1 (deepest) | exit shares | avg MFLOPs (% of plain) | FLOPs-ideal |"
-    head += " speed-up b1 (A/A) | speed-up b32 (A/A) |" * timed
+    backends = _backends(report)
+    head = "| method | max drop | thresholds | top-1 (deepest) | exit shares | avg MFLOPs (% of plain) | FLOPs-ideal |"
+    head += "".join(f" {NAMES[k]} {b} (A/A) |" for k in backends for b in BATCHES)
+    head += "".join(f" {NAMES[k]} ÷ ideal ({', '.join(BATCHES)}) |" for k in backends)
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     plain = report["exits"][-2]["flops"]
     for p in report["operating_points"]:
         if "error" in p:
-            lines.append(f"| {p['max_drop']} | not reached: {p['error']} |")
+            lines.append(f"| {p['method']} | {p['max_drop']} | not reached: {p['error']} |")
             continue
         h = p["test"]
         ts = ", ".join("-" if t is None else f"{t:.3f}" for t in p["thresholds"])
         shares = ", ".join(f"{100 * s:.0f}%" for s in h["exit_share"].values())
         cost = "-" if h["flops"] is None else f"{h['flops'] / MEGA:.1f} ({100 * h['flops'] / plain:.0f}%)"
         line = (
-            f"| {p['max_drop']} | {ts} | {h['top1']:.2f} ({h['deepest_top1']:.2f}) | {shares} | {cost} | "
-            f"{_num(p['ideal_speedup'], '.2f')}x |"
+            f"| {p['method']} | {p['max_drop']} | {ts} | {h['top1']:.2f} ({h['deepest_top1']:.2f}) | {shares} | "
+            f"{cost} | {_num(p['ideal_speedup'], '.2f')}x |"
         )
-        if timed:
-            line += f" {p['speedup_b1']:.2f}x ({p['aa_b1']:.2f}) | {p['speedup_b32']:.2f}x ({p['aa_b32']:.2f}) |"
-        lines.append(line)
+        lines.append(line + _speed_cells(p, backends))
     return lines
+
+
+def _speed_note(report: Dict[str, Any]) -> List[str]:
+    t = report.get("timing")
+    if t is None:
+        return []
+    onnx = (
+        "ONNX: the plain model's ONNX export against the ONNX cascade, ONNX Runtime on the CPU"
+        if t["onnx_not_timed"] is None
+        else f"ONNX Runtime not timed: {t['onnx_not_timed']}"
+    )
+    return [
+        "",
+        "Speed-ups: the plain model's median time over early exit's at batch 1 and 32, in parentheses the plain "
+        f"model's over its own (A/A: the noise floor). {onnx}. ÷ ideal: measured over FLOPs-ideal (the ideal is "
+        "for the exit shares of all test images, the timing is on the first ones).",
+    ]
 
 
 def markdown(report: Dict[str, Any]) -> str:
@@ -82,11 +117,11 @@ def markdown(report: Dict[str, Any]) -> str:
         lines += [
             "",
             f"Early exit, thresholds calibrated on {report['calib_data']} ({report['calib_samples']} images), every "
-            f"figure below measured on the test images ({report['num_samples']}); calibration method: "
-            f"{report['calib_method']}:",
+            f"figure below measured on the test images ({report['num_samples']}); calibration methods: "
+            f"{', '.join(report['calib_methods'])}:",
             "",
         ]
-        lines += _points_table(report)
+        lines += _points_table(report) + _speed_note(report)
     return "\n".join(lines) + "\n"
 
 
@@ -119,7 +154,8 @@ def plot(report: Dict[str, Any], path: Path) -> Optional[str]:
         if "error" in p:
             continue
         h = p["test"]
-        ax.plot([h["flops"] / MEGA], [h["top1"]], "*", ms=12, label=f"calibrated, max drop {p['max_drop']} (test)")
+        label = f"{p['method']}, max drop {p['max_drop']} (test)"
+        ax.plot([h["flops"] / MEGA], [h["top1"]], "*", ms=12, label=label)
     ax.set_xlabel("MFLOPs per image (average for early exit)")
     ax.set_ylabel("top-1 (%)")
     ax.set_title(f"{report['model']}: accuracy vs compute per exit")

@@ -35,15 +35,17 @@ Calibrate on images the model was not trained on: thresholds fitted to training 
 """
 
 
-def add_calibration_args(g: Any) -> None:
-    """How thresholds are searched (shared with ``sd-plugin report``)."""
+def add_calibration_args(g: Any, several: bool = False) -> None:
+    """How thresholds are searched (shared with ``sd-plugin report``, whose ``--method`` takes ``several``)."""
+    default = "guaranteed"  # calibrate()'s (a test checks they agree)
     g.add_argument("--criterion", choices=CRITERIA, default="max_prob", help="confidence score (default: max_prob)")
     g.add_argument(
         "--method",
         choices=METHODS,
-        default="guaranteed",
+        nargs="+" if several else None,
+        default=[default] if several else default,
         help="'guaranteed': the target holds on new images with probability 1 - delta; 'empirical': it holds on "
-        "these images (default: %(default)s)",
+        f"these images{'; several: each, side by side' if several else ''} (default: {default})",
     )
     g.add_argument(
         "--delta",

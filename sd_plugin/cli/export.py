@@ -11,7 +11,6 @@ on ONNX Runtime unless ``--no-check``.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 from typing import Any, Union
 
 from ._load import add_model_args, load_model, plain_doc
@@ -57,9 +56,9 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..deploy import ExitPolicy, export_cascade, export_onnx, truncate
+    from ..deploy.onnx import missing_onnx_modules
 
-    needed = ["onnx"] + ([] if args.no_check else ["onnxruntime"])
-    missing = [m for m in needed if importlib.util.find_spec(m) is None]
+    missing = missing_onnx_modules(run=not args.no_check)
     if missing:
         raise ValueError(f"export needs {' and '.join(missing)}: pip install 'sd-plugin[export]'.")
     if args.policy and args.exit != "deepest":

@@ -5,8 +5,11 @@ the mean logits of all classifiers, :func:`sd_plugin.core.ensemble_logits`): top
 test images, parameters and FLOPs of a model that ends there (:func:`sd_plugin.deploy.exit_costs`;
 FLOPs need mmengine). Then the early-exit curve (one max-prob threshold shared by all exits, swept) and,
 given held-out calibration images, operating points (thresholds chosen on those images) and the calibrated
-ensemble (weights fitted on them), every figure measured on the test images. ``--timing`` adds the latency
-of each exit and the measured speed-up of early exit at batch 1 and 32.
+ensemble (weights fitted on them), every figure measured on the test images; ``--method`` takes both
+calibration methods, side by side. ``--timing`` adds the latency of each exit and, per operating point, the
+measured speed-up of early exit over the plain model at batch 1 and 32 (:func:`sd_plugin.deploy.measure_speedup`:
+eager PyTorch and, when onnxruntime is installed, the ONNX cascade against the plain model's ONNX export), each with
+its A/A noise floor, and measured over FLOPs-ideal.
 
 Writes ``<out-dir>/<name>.json`` and ``.md``, and ``.png`` when matplotlib is installed.
 """
@@ -24,6 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, cast
 import torch
 import torch.nn as nn
 
+from ..deploy._timing import BATCH_TIMED
 from ._data import DataSpec, add_data_args, data_spec
 from ._load import add_model_args, add_progress_arg, load_model, plain_doc
 from ._render import markdown, plot
@@ -38,11 +42,12 @@ __all__ = [
     "exit_rows",
     "sweep",
     "operating_points",
+    "time_exits",
+    "time_points",
 ]
 
 TOP_K = (1, 5)
 SWEEP_STEPS = 41
-BATCH_TIMED = 32
 DEFAULT_SINGLES = 16
 DEFAULT_REPEATS = 5
 
@@ -52,8 +57,13 @@ EPILOG = """examples:
   # with early exit: thresholds calibrated on training images the model never saw, figures on the test split
   sd-plugin report work_dirs/r18/checkpoint-last.pth --data ~/data/cifar10 --split test \\
       --calib-split train --calib-ann held_out.txt --max-drops 0.5 1
-  # an MMPretrain model on its config's test set, calibrated on its val set, with latency
-  sd-plugin report work_dirs/x/epoch_10.pth --config my_sd_config.py --mm-split test --calib-mm-split val --timing
+  # both calibration methods side by side (the price of the guarantee), with measured speed-ups
+  # (eager and ONNX Runtime, each against its A/A noise floor, and against the FLOPs-ideal)
+  sd-plugin report work_dirs/r18/checkpoint-last.pth --data ~/data/cifar10 --split test \\
+      --calib-split train --calib-ann held_out.txt --method guaranteed empirical --timing --repeats 15 --b1-images 64
+  # an MMPretrain model on its config's test set, calibrated on its val set, with latency (eager PyTorch only)
+  sd-plugin report work_dirs/x/epoch_10.pth --config my_sd_config.py --mm-split test --calib-mm-split val \\
+      --timing --no-onnx
 """
 
 
@@ -73,11 +83,14 @@ def add_parser(sub: Any) -> None:
     c.add_argument("--calib-mm-split", choices=("val", "test"), help="MMPretrain: the config's set as calibration")
     c.add_argument("--calib-samples", type=int, default=2000, help="calibration images used (0: all)")
     c.add_argument("--max-drops", type=float, nargs="+", default=[0.5, 1.0], help="targets (top-1 points)")
-    add_calibration_args(c)
+    add_calibration_args(c, several=True)
     t = p.add_argument_group("timing")
     t.add_argument("--timing", action="store_true", help="measure latency per exit and early exit's speed-up")
     t.add_argument("--repeats", type=int, default=DEFAULT_REPEATS, help="timed rounds (medians reported)")
     t.add_argument("--b1-images", type=int, default=DEFAULT_SINGLES, help="images timed one by one")
+    t.add_argument(
+        "--no-onnx", action="store_true", help="time eager PyTorch only (default: ONNX Runtime too, when installed)"
+    )
     o = p.add_argument_group("output")
     o.add_argument("--out-dir", default="sd_plugin_report", help="folder of the .json/.md/.png (default: %(default)s)")
     o.add_argument("--name", help="file stem (default: report_<model>)")
@@ -157,7 +170,8 @@ def operating_points(
     max_drops: Sequence[float],
     options: Dict[str, Any],
 ) -> List[Any]:
-    """(point, policy) per target: thresholds calibrated on ``cal``, accuracy and shares measured on ``test``.
+    """(point, policy) per target: thresholds calibrated on ``cal`` (``options``: :func:`calibrate`'s keyword
+    arguments, the method among them), accuracy and shares measured on ``test``.
 
     With ``costs`` (:class:`~sd_plugin.deploy.ExitCosts`) the search prefers fewer FLOPs and each point has its
     average FLOPs and the FLOPs-ideal speed-up (the plain model's FLOPs over them).
@@ -170,7 +184,7 @@ def operating_points(
         try:
             policy = calibrate(cal, max_drop=drop, costs=answer, **options)
         except ValueError as err:  # a target the calibration data cannot meet: say so, keep the others
-            points.append(({"max_drop": drop, "error": str(err)}, None))
+            points.append(({"method": options["method"], "max_drop": drop, "error": str(err)}, None))
             continue
         stats = evaluate_policy(test, policy, answer)
         flops = float(cast(float, stats["cost"])) if costs is not None else None
@@ -186,23 +200,6 @@ def operating_points(
     return points
 
 
-def _each(net: Callable[[torch.Tensor], Any], inputs: List[torch.Tensor]) -> Callable[[], object]:
-    """One timed unit of work: ``net`` on every input in turn (waiting for a GPU to finish)."""
-
-    def run() -> object:
-        out = [net(x) for x in inputs]
-        if inputs and inputs[0].is_cuda:
-            torch.cuda.synchronize(inputs[0].device)
-        return out
-
-    return run
-
-
-def _batch32(images: torch.Tensor) -> torch.Tensor:
-    reps = (BATCH_TIMED + len(images) - 1) // len(images)
-    return images.repeat(reps, *([1] * (images.dim() - 1)))[:BATCH_TIMED]
-
-
 def _ensemble_net(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """Every exit and the deepest classifier in one pass, then the ensemble (what the ensemble costs)."""
     from ..deploy import collect_exit_logits
@@ -216,41 +213,39 @@ def _ensemble_net(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
 def time_exits(model: nn.Module, names: List[str], images: torch.Tensor, singles: int, repeats: int) -> Dict[str, Any]:
     """Median latency (ms) of a model ending at each exit and of the ensemble, at batch 1 and 32, interleaved."""
     from ..deploy import truncate
-    from ..deploy._timing import interleaved_medians
+    from ..deploy._timing import each, interleaved_medians, timed_inputs
 
     nets: Dict[str, Callable[[torch.Tensor], Any]] = {
         n: truncate(model, exit=k + 1, example_input=images[:1]) for k, n in enumerate(names)
     }
     nets["ensemble"] = _ensemble_net(model)
-    ones, b32 = [x[None] for x in images[:singles]], _batch32(images)
-    lat1 = interleaved_medians({n: _each(m, ones) for n, m in nets.items()}, repeats)
-    lat32 = interleaved_medians({n: _each(m, [b32]) for n, m in nets.items()}, repeats)
+    ones, b32 = timed_inputs(images, singles)
+    lat1 = interleaved_medians({n: each(m, ones) for n, m in nets.items()}, repeats)
+    lat32 = interleaved_medians({n: each(m, [b32]) for n, m in nets.items()}, repeats)
     return {n: {"latency_b1_ms": 1e3 * lat1[n] / len(ones), "latency_b32_ms": 1e3 * lat32[n]} for n in nets}
 
 
-def time_policy(model: nn.Module, policy: Any, images: torch.Tensor, singles: int, repeats: int) -> Dict[str, float]:
-    """Speed-up of early exit over the plain model at batch 1 and 32; A/A (plain against itself): the noise floor."""
-    from ..deploy import EarlyExitModel, truncate
-    from ..deploy._timing import interleaved_medians
+def time_points(
+    model: nn.Module, points: Sequence[Tuple[Dict[str, Any], Any]], images: torch.Tensor, args: argparse.Namespace
+) -> Dict[str, Any]:
+    """Measured speed-ups of every operating point (:func:`sd_plugin.deploy.measure_speedup`), with each one's
+    ratio to the FLOPs-ideal speed-up; returns why ONNX Runtime was not timed (``None``: it was)."""
+    from ..deploy import measure_speedup
+    from ..deploy.speed import onnx_unavailable
 
-    ee, plain = EarlyExitModel(model, policy).eval(), truncate(model, exit="deepest")
-    ones, b32 = [x[None] for x in images[:singles]], _batch32(images)
-    t = interleaved_medians(
-        {
-            "plain_b1": _each(plain, ones),
-            "ee_b1": _each(ee, ones),
-            "aa_b1": _each(plain, ones),
-            "plain_b32": _each(plain, [b32]),
-            "ee_b32": _each(ee, [b32]),
-            "aa_b32": _each(plain, [b32]),
-        },
-        repeats,
-    )
-    out = {}
-    for b in ("b1", "b32"):
-        out[f"speedup_{b}"] = t[f"plain_{b}"] / t[f"ee_{b}"]
-        out[f"aa_{b}"] = t[f"plain_{b}"] / t[f"aa_{b}"]
-    return out
+    no_onnx = "--no-onnx" if args.no_onnx else onnx_unavailable(model)
+    for point, policy in points:
+        if policy is None:
+            continue
+        speed = measure_speedup(
+            model, policy, images, b1_images=args.b1_images, repeats=args.repeats, onnx=no_onnx is None
+        )
+        ideal = point["ideal_speedup"]
+        point.update(speed)
+        point["measured_over_ideal"] = (
+            {k.replace("_speedup", ""): v / ideal for k, v in speed.items() if "_speedup_" in k} if ideal else None
+        )
+    return {"onnx_not_timed": no_onnx}
 
 
 def _calib_spec(args: argparse.Namespace, test: DataSpec) -> Optional[DataSpec]:
@@ -286,6 +281,7 @@ def build_report(args: argparse.Namespace, argv: Optional[Sequence[str]] = None)
     spec = data_spec(args)
     cal_spec = _calib_spec(args, spec)
     options = calibrate_options(args)
+    methods = list(dict.fromkeys(options.pop("method")))
     if args.timing and (args.repeats < 1 or args.b1_images < 1):
         raise ValueError("--repeats and --b1-images must be >= 1.")
     loaded = load_model(args)
@@ -309,25 +305,23 @@ def build_report(args: argparse.Namespace, argv: Optional[Sequence[str]] = None)
         "early_exit_curve": sweep(data, answer),
         "operating_points": [],
     }
-    points = []
+    points: List[Tuple[Dict[str, Any], Any]] = []
     if cal_spec is not None:
         cal, _ = collect(loaded, cal_spec, "calibration images", show)
-        report.update(
-            calib_data=cal_spec.describe(), calib_samples=int(cal.targets.numel()), calib_method=options["method"]
-        )
+        report.update(calib_data=cal_spec.describe(), calib_samples=int(cal.targets.numel()), calib_methods=methods)
         report["calibrated_ensemble"] = calibrated_ensemble(cal, data)
-        points = operating_points(cal, data, costs, args.max_drops, {"criterion": args.criterion, **options})
+        for method in methods:
+            opts = {"criterion": args.criterion, **options, "method": method}
+            points += operating_points(cal, data, costs, args.max_drops, opts)
     if args.timing:
         for row, lat in zip(rows, time_exits(loaded.model, data.names, images, args.b1_images, args.repeats).values()):
             row.update(lat)
-        for point, policy in points:
-            if policy is not None:
-                point.update(time_policy(loaded.model, policy, images, args.b1_images, args.repeats))
         report["timing"] = {
             "device": str(loaded.device),
             "torch_threads": torch.get_num_threads(),
             "repeats": args.repeats,
             "b1_images": min(args.b1_images, len(images)),
+            **time_points(loaded.model, points, images, args),
         }
     report["operating_points"] = [p for p, _ in points]
     report["command"] = " ".join(["sd-plugin", *(argv if argv is not None else sys.argv[1:])])

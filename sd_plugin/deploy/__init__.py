@@ -2,7 +2,8 @@
 
 Everything works on any :class:`~sd_plugin.core.MultiExitModel` (``sd_plugin.wrap(...)``,
 MMPretrain's ``SelfDistillClassifier``) in plain torch. ``exit_costs`` needs mmengine and
-``export_onnx`` needs onnx/onnxruntime; they are imported when called.
+``export_onnx`` needs onnx/onnxruntime; they are imported when called. ``measure_speedup`` times early exit
+against the plain model (eager, and on ONNX Runtime when installed).
 """
 
 from .calibrate import ExitLogits, calibrate, collect_exit_logits, evaluate_policy
@@ -12,6 +13,7 @@ from .flops import ExitCosts, exit_costs
 from .onnx import check_onnx, export_onnx
 from .onnx_cascade import CascadeOutput, OnnxCascade, export_cascade
 from .policy import ExitPolicy
+from .speed import measure_speedup
 from .strip import plain_state_dict, strip_checkpoint, strip_state_dict
 from .truncate import TruncatedModel, truncate
 
@@ -34,6 +36,7 @@ __all__ = [
     "export_cascade",
     "OnnxCascade",
     "CascadeOutput",
+    "measure_speedup",
     "strip_state_dict",
     "strip_checkpoint",
     "plain_state_dict",

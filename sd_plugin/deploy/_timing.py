@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, Dict, List, Mapping
+from typing import Any, Callable, Dict, List, Mapping, Sequence, Tuple
 
 import torch
 
-__all__ = ["interleaved_times", "medians", "interleaved_medians"]
+__all__ = ["interleaved_times", "medians", "interleaved_medians", "BATCH_TIMED", "timed_inputs", "each"]
+
+BATCH_TIMED = 32  # the batch size of the "batch 32" figures
 
 
 def interleaved_times(
@@ -55,3 +57,23 @@ def interleaved_medians(fns: Mapping[str, Callable[[], object]], repeats: int = 
 
     with torch.inference_mode():
         return medians(interleaved_times({n: ignore_round(f) for n, f in fns.items()}, repeats, warmup))
+
+
+def timed_inputs(images: torch.Tensor, b1_images: int) -> Tuple[List[torch.Tensor], torch.Tensor]:
+    """The inputs of the batch-1 and batch-32 figures: the first ``b1_images`` images one by one, and one batch of
+    :data:`BATCH_TIMED` images (``images`` repeated when there are fewer)."""
+    reps = (BATCH_TIMED + len(images) - 1) // len(images)
+    b32 = images.repeat(reps, *([1] * (images.dim() - 1)))[:BATCH_TIMED]
+    return [x[None] for x in images[:b1_images]], b32
+
+
+def each(net: Callable[[Any], object], inputs: Sequence[Any]) -> Callable[[], object]:
+    """One timed unit of work: ``net`` on every input in turn (tensors or arrays), waiting for a GPU to finish."""
+
+    def run() -> object:
+        out = [net(x) for x in inputs]
+        if inputs and getattr(inputs[0], "is_cuda", False):
+            torch.cuda.synchronize(inputs[0].device)
+        return out
+
+    return run

@@ -7,9 +7,10 @@ Python control flow of a forward pass that a hook ends early, which the
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
 from pathlib import Path
-from typing import Optional, Union
+from typing import List, Optional, Union
 
 import numpy as np
 import torch
@@ -17,7 +18,14 @@ import torch.nn as nn
 
 from .._io import atomic_write_path
 
-__all__ = ["export_onnx", "check_onnx"]
+__all__ = ["export_onnx", "check_onnx", "missing_onnx_modules"]
+
+
+def missing_onnx_modules(run: bool = True) -> List[str]:
+    """The modules ONNX export needs that are not installed: onnx, and onnxruntime when the graphs are also run
+    (the export's check, timing)."""
+    needed = ["onnx"] + (["onnxruntime"] if run else [])
+    return [m for m in needed if importlib.util.find_spec(m) is None]
 
 
 def export_onnx(

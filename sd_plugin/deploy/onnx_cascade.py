@@ -38,7 +38,7 @@ from ..core.naming import exit_name
 from .early_exit import as_multi_exit, run_segment
 from .policy import ExitPolicy
 
-__all__ = ["CascadeOutput", "OnnxCascade", "export_cascade"]
+__all__ = ["CascadeOutput", "OnnxCascade", "export_cascade", "cascade_blocker"]
 
 MANIFEST = "cascade.json"
 MANIFEST_FORMAT = "sd_plugin.onnx_cascade/1"
@@ -84,6 +84,17 @@ def _export(module: nn.Module, x: torch.Tensor, path: Path, opset: int) -> None:
         )
 
 
+def cascade_blocker(model: nn.Module) -> Optional[str]:
+    """Why ``model`` cannot be cut into a cascade (an exit point that cannot hand on fewer samples), else ``None``."""
+    fixed = [k + 1 for k, p in enumerate(as_multi_exit(model).exit_points) if not getattr(p, "shrinkable", True)]
+    if not fixed:
+        return None
+    return (
+        f"exit point(s) {fixed} cannot hand on fewer samples (the model's later code needs the whole batch), so "
+        "the model cannot be cut there into a cascade"
+    )
+
+
 @torch.no_grad()
 def export_cascade(
     model: nn.Module,
@@ -114,12 +125,9 @@ def export_cascade(
         raise ValueError("export the model in eval mode: call model.eval() first.")
     if policy.num_exits != mx.num_exits:
         raise ValueError(f"the policy has {policy.num_exits} thresholds for a model with {mx.num_exits} exits.")
-    fixed = [k + 1 for k, p in enumerate(mx.exit_points) if not getattr(p, "shrinkable", True)]
-    if fixed:
-        raise ValueError(
-            f"exit point(s) {fixed} cannot hand on fewer samples (the model's later code needs the whole batch), so "
-            "the model cannot be cut there into a cascade; use EarlyExitModel or other exit indices."
-        )
+    blocker = cascade_blocker(model)
+    if blocker is not None:
+        raise ValueError(f"{blocker}; use EarlyExitModel or other exit indices.")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     e = mx.num_exits
