@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
 import pickle
@@ -110,6 +111,9 @@ def test_report_on_a_train_timm_checkpoint(timm_run, tmp_path):
         assert fit["top1"] == rows[3]["top1"]
     md = (tmp_path / "r.md").read_text()
     assert "| deepest |" in md and "| ensemble |" in md and "softmax of the mean logits" in md
+    # the page states its command, versions, hardware and date once, at the top
+    assert md.count("Command: `sd-plugin report ") == 1 and f"torch {importlib.metadata.version('torch')}" in md
+    assert "CPU cores" in md and report["date"] in md
     if importlib.util.find_spec("matplotlib") is not None:
         assert (tmp_path / "r.png").stat().st_size > 0
 

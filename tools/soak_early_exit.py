@@ -36,9 +36,9 @@ import torch
 import torch.nn as nn
 
 import sd_plugin
+from sd_plugin._provenance import command_line, provenance
 from sd_plugin.core.naming import exit_name
 from sd_plugin.deploy import EarlyExitModel, ExitPolicy, OnnxCascade, export_cascade, export_onnx
-from tools._provenance import command_line, provenance
 
 __all__ = ["SoakResult", "build_model", "soak", "main"]
 

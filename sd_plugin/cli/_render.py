@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from .._provenance import provenance
 from ..deploy.speed import BATCHES
 
 __all__ = ["markdown", "plot"]
@@ -96,6 +97,8 @@ def _speed_note(report: Dict[str, Any]) -> List[str]:
 def markdown(report: Dict[str, Any]) -> str:
     """The report's tables: one row per exit (and the ensemble), then the calibrated operating points."""
     lines = [f"## Exits of `{report['model']}` ({report['num_samples']} images of {report['data']})", ""]
+    if "versions" in report:
+        lines += [provenance(report["command"], report), ""]
     lines += _exit_table(report)
     lines += ["", f"ensemble: {report['ensemble']}."]
     if not report["flops_counted"]:

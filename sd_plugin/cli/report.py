@@ -18,15 +18,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from dataclasses import replace
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, cast
 
 import torch
 import torch.nn as nn
 
+from .._provenance import environment
 from ..deploy._timing import BATCH_TIMED
 from ._data import DataSpec, add_data_args, data_spec
 from ._load import add_model_args, add_progress_arg, load_model, plain_doc
@@ -324,8 +325,9 @@ def build_report(args: argparse.Namespace, argv: Optional[Sequence[str]] = None)
             **time_points(loaded.model, points, images, args),
         }
     report["operating_points"] = [p for p, _ in points]
-    report["command"] = " ".join(["sd-plugin", *(argv if argv is not None else sys.argv[1:])])
-    report["date"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    args_given = sys.argv[1:] if argv is None else list(argv)
+    report["command"] = " ".join(["sd-plugin", *map(shlex.quote, args_given)])
+    report.update(environment())  # versions, hardware, date
     return report
 
 

@@ -1,4 +1,5 @@
-"""One line of provenance for a generated results page: command, versions, hardware, date."""
+"""Provenance of a generated results page (the CLI report, the repository's research tools): command, versions,
+hardware, date, stated once at the top of the page."""
 
 from __future__ import annotations
 
@@ -7,11 +8,11 @@ import platform
 import shlex
 import sys
 from datetime import datetime, timezone
-from typing import Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 
-__all__ = ["command_line", "provenance"]
+__all__ = ["command_line", "environment", "provenance"]
 
 #: Packages whose versions a results page states when they are installed.
 REPORTED_PACKAGES = ("torch", "timm", "mmengine", "mmpretrain", "onnxruntime")
@@ -35,11 +36,18 @@ def _versions() -> str:
     return ", ".join(found)
 
 
-def provenance(command: str) -> str:
-    """``Command: ... Versions: ... Hardware: ... Date: ...`` for the top of a generated page."""
+def environment() -> Dict[str, str]:
+    """Versions, hardware and today's date (UTC), as a results page states them."""
     cpu = platform.processor() or platform.machine()
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (
-        f"Command: `{command}`. Versions: {_versions()}. Hardware: {cpu}, {os.cpu_count()} CPU cores, {device}, "
-        f"torch threads {torch.get_num_threads()}. Date: {datetime.now(timezone.utc):%Y-%m-%d}."
-    )
+    return {
+        "versions": _versions(),
+        "hardware": f"{cpu}, {os.cpu_count()} CPU cores, {device}, torch threads {torch.get_num_threads()}",
+        "date": f"{datetime.now(timezone.utc):%Y-%m-%d}",
+    }
+
+
+def provenance(command: str, env: Optional[Dict[str, str]] = None) -> str:
+    """``Command: ... Versions: ... Hardware: ... Date: ...`` for the top of a generated page."""
+    env = env or environment()
+    return f"Command: `{command}`. Versions: {env['versions']}. Hardware: {env['hardware']}. Date: {env['date']}."
