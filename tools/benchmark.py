@@ -278,9 +278,11 @@ def _recipe(args: argparse.Namespace, splits: DataSplits, route: ModuleType, wal
     sd = ", ".join(args.arms) + " (tools/bench/arms.py)"
     if args.sd_options:
         sd += ", with " + ", ".join(f"{k}={v!r}" for k, v in args.sd_options.items())
+    from sd_plugin._provenance import environment  # imports torch: not before the thread settings
+
     machine = (
         f"Machine: {platform.machine()} CPU, {_cpu_count()} cores (shared), torch threads {_threads()} per process, "
-        f"{args.jobs} run(s) at a time. Wall time {wall_s / 60:.1f} min, "
+        f"{args.jobs} run(s) at a time. Versions: {environment()['versions']}. Wall time {wall_s / 60:.1f} min, "
         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC."
     )
     if args.no_train:
