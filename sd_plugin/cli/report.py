@@ -109,12 +109,13 @@ def ensemble_logits(data: Any, weights: Optional[Sequence[float]] = None) -> tor
 
 def calibrated_ensemble(cal: Any, test: Any) -> Dict[str, Any]:
     """The ensemble with weights fitted on the calibration images (:func:`sd_plugin.core.fit_ensemble_weights`,
-    the deepest classifier alone unless the fit beats it in cross-validation), scored on the test images."""
+    the deepest classifier alone unless the fit beats it significantly in cross-validation), scored on the test
+    images."""
     from ..core import fit_ensemble_weights
 
     fit = fit_ensemble_weights(cal.logits, cal.targets)
     logits = ensemble_logits(test, fit.weights)
-    out: Dict[str, Any] = {"weights": fit.weights, "chosen": fit.chosen, "cv_top1": fit.cv_top1}
+    out: Dict[str, Any] = {"weights": fit.weights, "chosen": fit.chosen, "cv_top1": fit.cv_top1, "p_value": fit.p_value}
     out.update({f"top{n}": topk(logits, test.targets, n) for n in TOP_K})
     return out
 

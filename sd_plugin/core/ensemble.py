@@ -6,20 +6,30 @@ One definition for the library, the metrics, the report and the benchmark: the e
 pytorch-self-distillation-final, train.py). On short schedules a weak ``exit1`` pulls that mean below the deepest
 classifier; :func:`fit_ensemble_weights` fits non-negative weights on held-out (calibration) data instead, by
 minimising the ensemble's cross-entropy (stacking, Wolpert 1992; the weights' common scale acts as a
-temperature), and keeps them only when they beat the deepest classifier alone in cross-validation on that data;
-otherwise the weights select the deepest classifier alone, so the calibrated ensemble is never expected to be
-worse than the deepest.
+temperature), and keeps them only when they beat the deepest classifier alone in cross-validation on that data by
+more than chance: an exact one-sided sign test (McNemar's) on the samples where the two disagree, at level
+``delta``. Otherwise the weights select the deepest classifier alone. A fitted ensemble that is no better than the
+deepest is thus chosen with probability at most ``delta``; a real gain too small for the calibration set to show
+is given up.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ensemble_logits", "equal_weights", "deepest_only", "fit_ensemble_weights", "EnsembleFit"]
+__all__ = [
+    "ensemble_logits",
+    "equal_weights",
+    "deepest_only",
+    "fit_ensemble_weights",
+    "EnsembleFit",
+    "sign_test_p_value",
+]
 
 #: Folds of the cross-validation that decides between the fitted weights and the deepest classifier alone.
 CV_FOLDS = 5
@@ -30,6 +40,8 @@ FIT_STEPS = 100
 LOG_WEIGHT_RIDGE = 1e-3
 #: Seed of the fold assignment (the result must not depend on the caller's RNG state).
 FOLD_SEED = 0
+#: Level of the sign test that lets the fitted weights replace the deepest classifier (calibrate()'s delta).
+DEFAULT_SWITCH_DELTA = 0.1
 
 LogitsLike = Union[torch.Tensor, Sequence[torch.Tensor]]
 
@@ -86,6 +98,8 @@ class EnsembleFit:
         cv_top1: Cross-validated top-1 (percent) of the fitted ensemble, of the deepest classifier and of the
             equal-weight ensemble on the calibration data.
         num_samples: Calibration samples.
+        p_value: One-sided sign-test p-value of "the fitted ensemble is right more often than the deepest" over
+            the cross-validated samples where exactly one of them is right.
     """
 
     weights: List[float]
@@ -93,6 +107,13 @@ class EnsembleFit:
     chosen: str
     cv_top1: Dict[str, float]
     num_samples: int
+    p_value: float
+
+
+def sign_test_p_value(wins: int, losses: int) -> float:
+    """P(X >= wins) for X ~ Binomial(wins + losses, 1/2): the exact one-sided sign test (McNemar's test)."""
+    n = wins + losses
+    return sum(math.comb(n, k) for k in range(wins, n + 1)) / 2**n if n else 1.0
 
 
 def _fit(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -112,21 +133,26 @@ def _fit(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return a.detach().exp()
 
 
-def _top1(z: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> float:
-    return float((torch.einsum("k,knc->nc", w, z).argmax(dim=1) == y).float().mean()) * 100
+def _right(z: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return torch.einsum("k,knc->nc", w, z).argmax(dim=1) == y
 
 
-def fit_ensemble_weights(logits: LogitsLike, targets: torch.Tensor, folds: int = CV_FOLDS) -> EnsembleFit:
-    """Ensemble weights fitted on held-out data, never chosen over the deepest classifier unless they beat it.
+def fit_ensemble_weights(
+    logits: LogitsLike, targets: torch.Tensor, folds: int = CV_FOLDS, delta: float = DEFAULT_SWITCH_DELTA
+) -> EnsembleFit:
+    """Ensemble weights fitted on held-out data, chosen over the deepest classifier only when they beat it.
 
-    The weights are fitted by cross-entropy on ``folds - 1`` folds and scored (top-1) on the remaining one, for
-    every fold; they are used when their cross-validated top-1 is at least the deepest classifier's, and the
-    weights fitted on all the data are returned. Otherwise the ensemble is the deepest classifier alone.
+    The weights are fitted by cross-entropy on ``folds - 1`` folds and scored on the remaining one, for every
+    fold. They replace the deepest classifier when, over the cross-validated samples where exactly one of the two
+    is right, the fitted ensemble wins significantly more often (one-sided exact sign test at level ``delta``);
+    then the weights fitted on all the data are returned. Otherwise the ensemble is the deepest classifier alone.
 
     Args:
         logits: (E + 1, N, C) logits on the calibration set (``ExitLogits.logits``), the deepest last.
         targets: (N,) int64 labels.
         folds: Cross-validation folds (>= 2, at most N).
+        delta: Level of the sign test, in (0, 1): the chance of choosing fitted weights that are no better than
+            the deepest classifier.
 
     Example:
         >>> fit = fit_ensemble_weights(calib.logits, calib.targets)   # calib = collect_exit_logits(model, loader)
@@ -138,24 +164,29 @@ def fit_ensemble_weights(logits: LogitsLike, targets: torch.Tensor, folds: int =
         raise ValueError(f"targets must be ({z.shape[1]},), got {tuple(targets.shape)}.")
     if isinstance(folds, bool) or not isinstance(folds, int) or not 2 <= folds <= z.shape[1]:
         raise ValueError(f"folds must be an int in [2, {z.shape[1]}] (the number of samples), got {folds!r}.")
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1), got {delta!r} (default {DEFAULT_SWITCH_DELTA}).")
     order = torch.randperm(z.shape[1], generator=torch.Generator().manual_seed(FOLD_SEED))
     fold_of = torch.empty_like(order)
     fold_of[order] = torch.arange(z.shape[1]) % folds
-    hits = {"fitted": 0.0, "deepest": 0.0, "equal": 0.0}
+    right = {name: torch.zeros(z.shape[1], dtype=torch.bool) for name in ("fitted", "deepest", "equal")}
     deep, equal = torch.tensor(deepest_only(z.shape[0])), torch.tensor(equal_weights(z.shape[0]))
     for f in range(folds):
         train, held = fold_of != f, fold_of == f
         w = _fit(z[:, train], y[train])
-        n = int(held.sum())
         for name, weights in (("fitted", w), ("deepest", deep), ("equal", equal)):
-            hits[name] += _top1(z[:, held], y[held], weights) * n
-    cv = {k: v / z.shape[1] for k, v in hits.items()}
+            right[name][held] = _right(z[:, held], y[held], weights)
+    cv = {k: float(v.float().mean()) * 100 for k, v in right.items()}
+    wins = int((right["fitted"] & ~right["deepest"]).sum())
+    losses = int((right["deepest"] & ~right["fitted"]).sum())
+    p_value = sign_test_p_value(wins, losses)
     fitted = _fit(z, y)
-    use = cv["fitted"] >= cv["deepest"]
+    use = p_value <= delta
     return EnsembleFit(
         weights=fitted.tolist() if use else deepest_only(z.shape[0]),
         fitted=fitted.tolist(),
         chosen="fitted" if use else "deepest",
         cv_top1=cv,
         num_samples=int(z.shape[1]),
+        p_value=p_value,
     )

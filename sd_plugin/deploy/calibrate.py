@@ -410,10 +410,10 @@ def calibrate(
         best = _search(scorer, max_drop, budget, num_candidates, rounds)
     sign = 1.0 if criterion == "max_prob" else -1.0
     thresholds = [None if b == float("inf") else sign * float(b) for b in best.tolist()]
-    fit = fit_ensemble_weights(data.logits, data.targets)  # on the same held-out data: saved with the policy
+    fit = fit_ensemble_weights(data.logits, data.targets, delta=delta)  # same held-out data: saved with the policy
     policy = ExitPolicy(thresholds, criterion, ensemble_weights=fit.weights)
     stats = evaluate_policy(data, policy, c.tolist())
     target = {"max_drop": max_drop} if max_drop is not None else {"budget": budget}
-    info["ensemble"] = {"chosen": fit.chosen, "fitted": fit.fitted, "cv_top1": fit.cv_top1}
+    info["ensemble"] = {"chosen": fit.chosen, "fitted": fit.fitted, "cv_top1": fit.cv_top1, "p_value": fit.p_value}
     policy.info = {"target": target, **info, "calibration": {**stats, "num_samples": int(data.targets.numel())}}
     return policy

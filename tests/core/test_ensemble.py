@@ -84,3 +84,33 @@ def test_fit_input_errors():
         fit_ensemble_weights(z, y[:5])
     with pytest.raises(ValueError, match="folds"):
         fit_ensemble_weights(z, y, folds=1)
+
+
+def test_sign_test_p_value_matches_hand_computed_values():
+    from sd_plugin.core.ensemble import sign_test_p_value
+
+    assert sign_test_p_value(3, 0) == 1 / 8  # all 3 disagreements won: (1/2)^3
+    assert sign_test_p_value(4, 1) == (1 + 5) / 32  # P(X >= 4), X ~ Bin(5, 1/2)
+    assert sign_test_p_value(0, 0) == 1.0 and sign_test_p_value(0, 4) == 1.0
+
+
+def test_a_gain_within_chance_keeps_the_deepest(monkeypatch):
+    """Fitted weights right on 3 samples the deepest misses and wrong on 1 it gets: a higher cross-validated
+    top-1 (32 / 40 against 30 / 40), but p = 5 / 16 for that split by chance, so the deepest alone is kept; at a
+    level above that p the fitted weights are used."""
+    import sd_plugin.core.ensemble as ens
+
+    y = torch.zeros(40, dtype=torch.long)
+    deepest_right = torch.arange(40) < 30
+    exit1_right = deepest_right.clone()
+    exit1_right[[0]] = False  # the one loss
+    exit1_right[[30, 31, 32]] = True  # the three wins
+    to_logits = lambda right: torch.stack([right.float(), (~right).float()], 1)  # noqa: E731  class 0 iff right
+    z = torch.stack([to_logits(exit1_right), to_logits(deepest_right)])
+    monkeypatch.setattr(ens, "_fit", lambda z_, y_: torch.tensor([1.0, 0.0]))  # the fit picks exit1 alone
+    fit = fit_ensemble_weights(z, y)
+    assert fit.cv_top1["fitted"] == pytest.approx(80.0) and fit.cv_top1["deepest"] == pytest.approx(75.0)
+    assert fit.p_value == 5 / 16 and fit.chosen == "deepest" and fit.weights == [0.0, 1.0]
+    assert fit_ensemble_weights(z, y, delta=0.4).chosen == "fitted"
+    with pytest.raises(ValueError, match="delta"):
+        fit_ensemble_weights(z, y, delta=1.0)
