@@ -165,7 +165,7 @@ def refuse_unsafe_checkpoint(
 ) -> ValueError:
     """The ValueError for a file that torch's safe unpickler refused: it names objects that are not data.
 
-    Such a file could run code when unpickled with ``weights_only=False``; sd_plugin never does that.
+    Such a file could run code if torch's full unpickler read it; sd_plugin reads every file with the safe one.
     """
     try:
         found = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))

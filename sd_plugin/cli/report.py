@@ -107,13 +107,13 @@ def ensemble_logits(data: Any, weights: Optional[Sequence[float]] = None) -> tor
     return library_ensemble(data.logits, weights)
 
 
-def calibrated_ensemble(cal: Any, test: Any) -> Dict[str, Any]:
+def calibrated_ensemble(cal: Any, test: Any, delta: float) -> Dict[str, Any]:
     """The ensemble with weights fitted on the calibration images (:func:`sd_plugin.core.fit_ensemble_weights`,
     the deepest classifier alone unless the fit beats it significantly in cross-validation), scored on the test
     images."""
     from ..core import fit_ensemble_weights
 
-    fit = fit_ensemble_weights(cal.logits, cal.targets)
+    fit = fit_ensemble_weights(cal.logits, cal.targets, delta=delta)
     logits = ensemble_logits(test, fit.weights)
     out: Dict[str, Any] = {"weights": fit.weights, "chosen": fit.chosen, "cv_top1": fit.cv_top1, "p_value": fit.p_value}
     out.update({f"top{n}": topk(logits, test.targets, n) for n in TOP_K})
@@ -311,7 +311,7 @@ def build_report(args: argparse.Namespace, argv: Optional[Sequence[str]] = None)
     if cal_spec is not None:
         cal, _ = collect(loaded, cal_spec, "calibration images", show)
         report.update(calib_data=cal_spec.describe(), calib_samples=int(cal.targets.numel()), calib_methods=methods)
-        report["calibrated_ensemble"] = calibrated_ensemble(cal, data)
+        report["calibrated_ensemble"] = calibrated_ensemble(cal, data, options["delta"])
         for method in methods:
             opts = {"criterion": args.criterion, **options, "method": method}
             points += operating_points(cal, data, costs, args.max_drops, opts)

@@ -5,27 +5,18 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from _hand_math import kl, softmax
 
 from sd_plugin.core import SelfDistillConfig, SelfDistillLoss, SelfDistillOutput, feature_hint
 from sd_plugin.core.methods import class_pair_kd, pskd_term, tfkd_reg_term, tfkd_teacher
-
-
-def _softmax(xs):
-    m = max(xs)
-    e = [math.exp(x - m) for x in xs]
-    return [v / sum(e) for v in e]
-
-
-def _kl(p, q):
-    return sum(a * math.log(a / b) for a, b in zip(p, q))
 
 
 def test_tfkd_reg_matches_hand_computation():
     z = [1.0, -0.5, 2.0]
     a, T = 0.9, 2.0
     u = [(1 - a) / 2, a, (1 - a) / 2]  # label 1
-    teacher = _softmax([v / T for v in u])
-    expected = _kl(teacher, _softmax(z))
+    teacher = softmax([v / T for v in u])
+    expected = kl(teacher, softmax(z))
     got = tfkd_reg_term(torch.tensor([z]), torch.tensor([1]), a, T)
     assert got.item() == pytest.approx(expected, rel=1e-5)
 
@@ -34,14 +25,14 @@ def test_tfkd_teacher_for_soft_targets_is_the_mix_of_the_one_hot_ones_before_sof
     y = torch.tensor([[0.3, 0.7, 0.0]])
     a, T = 0.99, 20.0
     u = [a * 0.3 + (1 - a) / 2 * 0.7, a * 0.7 + (1 - a) / 2 * 0.3, (1 - a) / 2]
-    expected = _softmax([v / T for v in u])
+    expected = softmax([v / T for v in u])
     assert tfkd_teacher(y, 3, a, T)[0].tolist() == pytest.approx(expected, rel=1e-6)
 
 
 def test_class_pair_kd_matches_hand_computation_and_checks_pairs():
     anchor, partner = [2.0, 0.0, -1.0], [0.5, 1.5, 0.0]
     T = 4.0
-    expected = T * T * _kl(_softmax([v / T for v in partner]), _softmax([v / T for v in anchor]))
+    expected = T * T * kl(softmax([v / T for v in partner]), softmax([v / T for v in anchor]))
     logits = torch.tensor([anchor, partner], requires_grad=True)
     got = class_pair_kd(logits, T, torch.tensor([1, 1]))
     assert got.item() == pytest.approx(expected, rel=1e-5)
@@ -56,7 +47,7 @@ def test_class_pair_kd_matches_hand_computation_and_checks_pairs():
 def test_pskd_term_is_cross_entropy_to_the_past_prediction():
     z = [0.2, 1.0, -1.0]
     past = [0.1, 0.6, 0.3]
-    p = _softmax(z)
+    p = softmax(z)
     expected = -sum(t * math.log(q) for t, q in zip(past, p))
     assert pskd_term(torch.tensor([z]), torch.tensor([past])).item() == pytest.approx(expected, rel=1e-6)
 
@@ -85,7 +76,7 @@ def test_rms_hint_at_034_reproduces_byot_whole_batch_l2_at_batch_128_and_is_batc
 def test_ensemble_is_softmax_of_mean_logits():
     a, b = torch.tensor([[4.0, 0.0]]), torch.tensor([[0.0, 1.0]])
     out = SelfDistillOutput(b, torch.zeros(1, 2), [a], [torch.zeros(1, 2)])
-    assert out.ensemble_probs().tolist()[0] == pytest.approx(_softmax([2.0, 0.5]), rel=1e-6)
+    assert out.ensemble_probs().tolist()[0] == pytest.approx(softmax([2.0, 0.5]), rel=1e-6)
     # Where the two definitions disagree, the ensemble follows the mean logits (BYOT's code), not the mean softmax.
     x, y = torch.tensor([[3.0, 0.0]]), torch.tensor([[0.0, 1.0]])
     o = SelfDistillOutput(y, torch.zeros(1, 2), [x, y.clone()], [torch.zeros(1, 2)] * 2)

@@ -1,10 +1,9 @@
 """Zipf's label smoothing (Liang et al., ECCV 2022): soft labels, loss value, gradients, wiring, options, arms."""
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
+from _hand_math import kl, softmax
 
 from sd_plugin.core import SelfDistillConfig, SelfDistillLoss, SelfDistillOutput, self_distill_losses
 from sd_plugin.core.methods import zipf_ranks, zipf_soft_labels, zipf_term
@@ -14,16 +13,6 @@ from tools.bench import arms
 # Sample 1: the target (class 2) ties with class 3 at rank 2 (ties share the smallest rank); ranks 4, 1, 2, 2.
 Z = [[2.0, 0.5, 1.0, -1.0], [0.0, 3.0, 1.0, 1.0]]
 Y = [0, 2]
-
-
-def _softmax(xs):
-    m = max(xs)
-    e = [math.exp(x - m) for x in xs]
-    return [v / sum(e) for v in e]
-
-
-def _kl(p, q):
-    return sum(a * math.log(a / b) for a, b in zip(p, q))
 
 
 def _out(logits, exits=()):
@@ -49,8 +38,8 @@ def test_soft_labels_by_hand():
 
 def test_loss_value_by_hand():
     # KL(zipf || softmax over the non-target logits only), summed over classes, batch mean.
-    kl0 = _kl([4 / 13, 6 / 13, 3 / 13], _softmax([0.5, 1.0, -1.0]))
-    kl1 = _kl([1 / 7, 4 / 7, 2 / 7], _softmax([0.0, 3.0, 1.0]))
+    kl0 = kl([4 / 13, 6 / 13, 3 / 13], softmax([0.5, 1.0, -1.0]))
+    kl1 = kl([1 / 7, 4 / 7, 2 / 7], softmax([0.0, 3.0, 1.0]))
     got = zipf_term(torch.tensor(Z), torch.tensor(Y), power=1.0)
     assert got.item() == pytest.approx((kl0 + kl1) / 2, rel=1e-6)
     assert got.dtype == torch.float32
