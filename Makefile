@@ -16,11 +16,11 @@ $(BIN)/.installed: pyproject.toml
 setup: $(BIN)/.installed
 
 demo: setup
-	$(BIN)/python tools/demo.py
+	$(BIN)/python examples/quickstart.py
 
 lint: setup
-	$(BIN)/ruff check sd_plugin tools tests
-	$(BIN)/ruff format --check sd_plugin tools tests
+	$(BIN)/ruff check sd_plugin tools tests examples docs/hooks
+	$(BIN)/ruff format --check sd_plugin tools tests examples docs/hooks
 	$(BIN)/mypy
 
 docs: setup

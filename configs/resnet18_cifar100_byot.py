@@ -8,7 +8,8 @@
 # docstring cites the authors' code. Exits: after ResNet stages 1-3 (BYOT's three shallow classifiers).
 #
 # Data: mmpretrain's CIFAR100 data set (downloads to data/cifar100 on first use).
-# Train: python .venv/lib/python3.11/site-packages/mmpretrain/.mim/tools/train.py configs/resnet18_cifar100_byot.py
+# Train: sd-plugin train configs/resnet18_cifar100_byot.py
+#    or: mim train mmpretrain configs/resnet18_cifar100_byot.py
 _base_ = ['mmpretrain::resnet/resnet50_8xb16_cifar100.py']
 
 model = dict(

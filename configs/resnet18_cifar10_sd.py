@@ -1,6 +1,6 @@
 # ResNet-18 (CIFAR variant) with teacher-free self-distillation on CIFAR-10 JPEGs (ImageFolder layout).
 #
-# Train:  python .venv/lib/python3.11/site-packages/mmpretrain/.mim/tools/train.py configs/resnet18_cifar10_sd.py
+# Train:  sd-plugin train configs/resnet18_cifar10_sd.py
 #    or:  mim train mmpretrain configs/resnet18_cifar10_sd.py
 # Data:   <data_root>/{train,test}/<class>/*.jpg (extract shared/data/cifar10/cifar10_jpg.tar.gz there);
 #         elsewhere: --cfg-options train_dataloader.dataset.data_root=DIR val_dataloader.dataset.data_root=DIR

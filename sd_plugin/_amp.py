@@ -5,7 +5,7 @@ NPU, MLU or MUSA in ``__init__``) although mmengine's own ``autocast`` supports
 CPU bfloat16. :class:`CPUAutocastOptimWrapper` is a plain ``OptimWrapper`` whose
 ``optim_context`` enters ``mmengine.runner.amp.autocast`` on the CPU. bfloat16
 has float32's exponent range, so no loss scaling is needed. On GPUs keep using
-mmengine's ``AmpOptimWrapper`` (``tools/train.py --amp`` picks it there).
+mmengine's ``AmpOptimWrapper`` (``sd-plugin train --amp`` picks it there).
 """
 
 from __future__ import annotations

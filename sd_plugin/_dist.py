@@ -1,7 +1,7 @@
 """Process-group set-up: the one place that starts torch.distributed from torchrun's environment.
 
-:func:`init_process_group_from_env` serves both training routes (``tools/train.py`` on CPU processes, and
-``tools/train_timm.py`` through :func:`sd_plugin.timm_adapter._train_utils.setup_distributed`).
+:func:`init_process_group_from_env` serves both training routes (``sd-plugin train`` on CPU processes, and
+``sd-plugin train-timm`` through :func:`sd_plugin.timm_adapter._train_utils.setup_distributed`).
 
 It also lets mmengine's ``launcher='pytorch'`` train on CPU-only machines.
 mmengine's own launcher (``mmengine.dist.init_dist``) calls
@@ -39,10 +39,10 @@ class DistEnv:
     world_size: int
 
 
-#: What needs torchrun's variables and how to start it under torchrun (``tools/train.py``'s words by default).
+#: What needs torchrun's variables and how to start it under torchrun (``sd-plugin train``'s words by default).
 MM_LAUNCH = (
     "--launcher pytorch",
-    "Start the script with `torchrun --nproc_per_node=N tools/train.py CONFIG --launcher pytorch`, or use "
+    "Start it with `torchrun --nproc_per_node=N -m sd_plugin train CONFIG --launcher pytorch`, or use "
     "--launcher none for a single process.",
 )
 

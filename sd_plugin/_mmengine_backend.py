@@ -4,7 +4,7 @@ mmengine's ``LocalBackend.put`` opens the checkpoint file for writing (truncatin
 it) and streams into it, so a process killed while saving leaves a cut-short
 ``iter_N.pth``. This backend writes through :func:`sd_plugin._io.atomic_write`
 (temporary file in the same folder, fsync, ``os.replace``): a checkpoint file is
-either absent or complete. Registered as ``'sd_atomic_local'``; ``tools/train.py``
+either absent or complete. Registered as ``'sd_atomic_local'``; ``sd-plugin train``
 gives it to the ``CheckpointHook`` (``backend_args=dict(backend='sd_atomic_local')``)
 unless the config names a backend of its own.
 """

@@ -1,4 +1,4 @@
-"""The ``sd-plugin`` command line: help, report, calibrate, strip, export, on the checkpoints users have."""
+"""The ``sd-plugin`` command line: help, train, report, calibrate, strip, export, on the checkpoints users have."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ DATA = ROOT / "demo_data" / "cifar10_mini"
 DEMO_CONFIG = ROOT / "configs" / "demo" / "sd_resnet18-w16_cifar10-mini.py"
 ARCH = "test_resnet"
 NUM_CLASSES = 10
-SUBCOMMANDS = ("report", "calibrate", "strip", "export")
+SUBCOMMANDS = ("train", "train-timm", "report", "calibrate", "strip", "export")
 EXIT_SCALES = (4.0, 1.0, 0.25)
 
 
@@ -45,18 +45,18 @@ def test_no_command_prints_help_and_fails(capsys):
     assert "COMMAND" in capsys.readouterr().out
 
 
-# --- a timm checkpoint as tools/train_timm.py writes it ---------------------------------------------------------
+# --- a timm checkpoint as sd-plugin train-timm writes it -------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def timm_run(tmp_path_factory):
-    """``checkpoint-last.pth`` (and ``model_plain.pth``) written by tools/train_timm.py's own save function."""
+    """``checkpoint-last.pth`` (and ``model_plain.pth``) written by ``sd-plugin train-timm``'s own save function."""
     pytest.importorskip("timm")
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
 
     import sd_plugin
-    from tools import train_timm
+    from sd_plugin.cli import train_timm
 
     out = tmp_path_factory.mktemp("train_timm")
     args = train_timm.parse_args([str(DATA), "--model", ARCH, "--img-size", "32", "--output", str(out)])
@@ -223,7 +223,7 @@ def test_strip_gives_the_plain_timm_model(timm_run, tmp_path):
     assert main(["strip", str(run / "checkpoint-last.pth"), str(tmp_path / "plain.pth")]) == 0
     stripped = torch.load(tmp_path / "plain.pth", weights_only=True)
     assert stripped["meta"]["arch"] == ARCH and stripped["meta"]["sd_plugin_stripped"] is True
-    want = torch.load(run / "model_plain.pth", weights_only=True)  # what train_timm saves of the plain model
+    want = torch.load(run / "model_plain.pth", weights_only=True)  # what train-timm saves of the plain model
     assert list(stripped["state_dict"]) == list(want)
     assert all(torch.equal(stripped["state_dict"][k], want[k]) for k in want)
     timm.create_model(ARCH, num_classes=NUM_CLASSES).load_state_dict(stripped["state_dict"], strict=True)

@@ -9,7 +9,7 @@ from typing import Any, Dict
 import pytest
 import torch
 
-from tools._coverage_run import BROKEN, FAIL, OK, SLOW, markdown_table, run_checks, summarize
+from tools._coverage import BROKEN, FAIL, OK, SLOW, markdown_table, run_checks, summarize
 
 
 def _sleep(seconds: float) -> Dict[str, Any]:
@@ -67,7 +67,7 @@ def test_summary_counts_everything_but_ok_as_failure() -> None:
 @pytest.mark.slow
 @pytest.mark.mmpretrain
 def test_mmpretrain_configs_counted_and_excluded() -> None:
-    from tools._coverage_mmp import enumerate_configs, input_size
+    from tools.coverage_mmpretrain import enumerate_configs, input_size
 
     counted, excluded = enumerate_configs("*")
     assert len(counted) > 400
@@ -91,8 +91,7 @@ def test_mmpretrain_configs_counted_and_excluded() -> None:
 def test_mmpretrain_check_of_one_config() -> None:
     from mmengine import Config
 
-    from tools._coverage_mmp import CONFIG_ROOT, model_cfg
-    from tools._coverage_mmp_check import check_config
+    from tools.coverage_mmpretrain import CONFIG_ROOT, check_config, model_cfg
 
     cfg = Config.fromfile(os.path.join(CONFIG_ROOT, "resnet/resnet18_8xb16_cifar10.py"))
     r = check_config(model_cfg(cfg), (32, 32), 0, 4e8)
@@ -103,7 +102,7 @@ def test_mmpretrain_check_of_one_config() -> None:
 @pytest.mark.slow
 @pytest.mark.timm
 def test_timm_check_of_one_architecture() -> None:
-    from tools._coverage_timm import check
+    from tools.coverage_timm import check
 
     r = check("test_resnet", 32, (1e9, 1e9, 60.0))
     assert r["status"] == OK, r
@@ -115,7 +114,7 @@ def test_placement_problems_are_named() -> None:
 
     import torch.nn as nn
 
-    from tools._coverage_placement import placement_problem
+    from tools._coverage import placement_problem
 
     backbone = nn.Module()
     backbone.stages = nn.ModuleList(nn.Sequential(nn.Conv2d(3, 3, 1), nn.ReLU()) for _ in range(4))
@@ -175,7 +174,7 @@ class _WithExits:
 
 def test_last_block_before_more_downsampling_is_a_stage_end() -> None:
     """A container's last block is the deepest stage only when nothing downsamples after it (SelecSLS: head convs)."""
-    from tools._coverage_placement import placement_problem
+    from tools._coverage import placement_problem
 
     x = torch.randn(2, 3, 64, 64)
     assert placement_problem(_WithExits(_StagesThenHead(head_stride=2)), x) is None

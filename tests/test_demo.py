@@ -1,4 +1,4 @@
-"""The front-door demo runs end to end and prints the per-exit table."""
+"""The front-door demo (`make demo`: examples/quickstart.py) runs end to end and prints the per-exit table."""
 
 import json
 import subprocess
@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.mmpretrain
 def test_demo_prints_per_exit_table(tmp_path):
     run = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "demo.py"), "--epochs", "1", "--work-dir", str(tmp_path)],
+        [sys.executable, str(ROOT / "examples" / "quickstart.py"), "--epochs", "1", "--work-dir", str(tmp_path)],
         capture_output=True,
         text=True,
         cwd=tmp_path,

@@ -46,9 +46,9 @@ def test_timm_route_without_torchrun_says_how_to_launch(
     inits: List[Dict[str, Any]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("MASTER_PORT")
-    with pytest.raises(ValueError, match=r"WORLD_SIZE > 1.*\['MASTER_PORT'\] are not set.*tools/train_timm.py"):
+    with pytest.raises(ValueError, match=r"WORLD_SIZE > 1.*\['MASTER_PORT'\] are not set.*-m sd_plugin train-timm"):
         setup_distributed("cpu")
-    with pytest.raises(ValueError, match=r"--launcher pytorch needs .*tools/train.py"):
+    with pytest.raises(ValueError, match=r"--launcher pytorch needs .*-m sd_plugin train CONFIG"):
         _dist.init_process_group_from_env("gloo")
     assert not inits
 

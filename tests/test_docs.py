@@ -4,6 +4,7 @@ import importlib.util
 import re
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -11,9 +12,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _gen():
-    spec = importlib.util.spec_from_file_location("gen_config_docs", ROOT / "tools" / "gen_config_docs.py")
+    """The MkDocs hook that generates docs/configuration.md (docs/hooks/config_reference.py)."""
+    spec = importlib.util.spec_from_file_location("config_reference", ROOT / "docs" / "hooks" / "config_reference.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules["gen_config_docs"] = module
+    sys.modules["config_reference"] = module
     spec.loader.exec_module(module)
     return module
 
@@ -21,8 +23,20 @@ def _gen():
 def test_configuration_reference_is_up_to_date():
     gen = _gen()
     assert (ROOT / "docs" / "configuration.md").read_text() == gen.render(), (
-        "docs/configuration.md is out of date: run `python tools/gen_config_docs.py`"
+        "docs/configuration.md is out of date: run `python docs/hooks/config_reference.py`"
     )
+
+
+def test_site_builds_the_configuration_page_from_the_code():
+    """mkdocs.yml runs the hook, and the hook replaces that page's markdown (only that page's) with the code's."""
+    gen = _gen()
+    assert re.search(r"^hooks:\n\s+- docs/hooks/config_reference\.py\b", (ROOT / "mkdocs.yml").read_text(), re.M)
+
+    def page(src_uri):
+        return SimpleNamespace(file=SimpleNamespace(src_uri=src_uri))
+
+    assert gen.on_page_markdown("stale", page=page("configuration.md"), config={}, files=None) == gen.render()
+    assert gen.on_page_markdown("other", page=page("methods.md"), config={}, files=None) is None
 
 
 def test_every_shared_option_is_documented():

@@ -45,16 +45,18 @@ def test_wrap_on_a_timm_model_loads_no_openmmlab_module_and_warns_nothing():
     assert err == ""
 
 
-def test_train_timm_help_loads_no_openmmlab_module_and_warns_nothing():
-    pytest.importorskip("timm")
+@pytest.mark.parametrize("command", [[], ["train"], ["train-timm"]], ids=["sd-plugin", "train", "train-timm"])
+def test_command_line_help_loads_no_openmmlab_module_and_warns_nothing(command):
+    """``sd-plugin --help`` and the training commands' help: the heavy imports wait until a command runs."""
     code = (
         "import runpy, sys\n"
-        "sys.argv = ['tools/train_timm.py', '--help']\n"
-        "try:\n    runpy.run_path('tools/train_timm.py', run_name='__main__')\n"
+        f"sys.argv = ['sd-plugin', *{command!r}, '--help']\n"
+        "try:\n    runpy.run_module('sd_plugin', run_name='__main__', alter_sys=True)\n"
         "except SystemExit as e:\n    assert e.code == 0, e.code"
     )
     loaded, err = _run(code, "-W", "error")
     assert not loaded & set(HEAVY), loaded & set(HEAVY)
+    assert "timm" not in loaded
     assert err == ""
 
 

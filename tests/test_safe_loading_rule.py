@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Iterator, List, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
-CHECKED = ("sd_plugin", "tools", "configs")
+CHECKED = ("sd_plugin", "tools", "configs", "examples", "docs/hooks")
 SCOPED_ALLOW_LIST_HOME = Path("sd_plugin/_safe_globals.py")
 ALLOW_LIST_CALLS = {"add_safe_globals", "safe_globals"}
 UNPICKLERS = {("pickle", "load"), ("pickle", "loads"), ("dill", "load"), ("dill", "loads"), ("marshal", "loads")}

@@ -1,6 +1,6 @@
 """The built wheel: the package, its type marker, the configs and the ``sd-plugin`` console script; installed into a
-fresh venv that holds only what ``sd-plugin[timm]`` needs, it imports, and the command line runs on a checkpoint of
-tools/train_timm.py."""
+fresh venv that holds only what ``sd-plugin[timm]`` needs, it imports, and the command line trains a timm model
+(``sd-plugin train-timm``) and runs on its checkpoint."""
 
 import json
 import os
@@ -21,7 +21,7 @@ DATA = ROOT / "demo_data" / "cifar10_mini"
 TIMM_INSTALL = ("torch", "numpy", "timm", "torchvision")
 #: Frameworks a timm-only install must not see (the honest check: the command line cannot lean on them).
 MM_FRAMEWORKS = ("mmpretrain", "mmcv", "mmengine")
-SUBCOMMANDS = ("report", "calibrate", "strip", "export")
+SUBCOMMANDS = ("train", "train-timm", "report", "calibrate", "strip", "export")
 
 
 def _canonical(name: str) -> str:
@@ -136,14 +136,14 @@ def test_wheel_installs_into_fresh_venv(tmp_path):
     run = _run([py, "-m", "sd_plugin", "--version"], cwd=tmp_path)
     assert run.returncode == 0 and run.stdout.strip() == f"sd-plugin {__version__}", run.stderr
 
-    # A real tools/train_timm.py checkpoint (one tiny epoch, this venv), then the report in the timm-only install.
+    # A real checkpoint of `sd-plugin train-timm` (one tiny epoch) and the report on it, both in the timm-only install.
     train = tmp_path / "train"
     cmd = [
-        sys.executable, ROOT / "tools" / "train_timm.py", DATA, "--model", "test_resnet", "--img-size", "32",
+        script, "train-timm", DATA, "--model", "test_resnet", "--img-size", "32",
         "--epochs", "1", "-b", "32", "--max-train-samples", "64", "--max-val-samples", "32", "--workers", "0",
         "--no-progress", "--output", train,
     ]  # fmt: skip
-    trained = _run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    trained = _run(cmd, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert trained.returncode == 0, trained.stderr[-3000:]
     ckpt = train / "checkpoint-last.pth"
     report = _run(

@@ -1,15 +1,10 @@
 """CE vs BYOT self-distillation on full CIFAR-10 with a full-width ResNet-18, sized for one GPU in about 9 minutes.
 
 The published trend (BYOT, ICCV 2019, CIFAR-100 ResNet-18: baseline 77.09, deepest 78.64, ensemble 79.67) at a
-shortened schedule: timm's ResNet-18 with the CIFAR stem (3x3 stride-1 first convolution, no max-pool), SGD
-(lr 0.1 x batch/128, momentum 0.9, nesterov, wd 5e-4), one warm-up epoch then cosine decay, random crop (pad 4)
-and flip, bfloat16 autocast and channels-last on CUDA. The whole data set is decoded once into memory and
-augmented on the device, so the loader is never the bottleneck. Every arm gets the same seed and schedule.
+shortened schedule: timm's ResNet-18 with the CIFAR stem, SGD with a warm-up epoch and cosine decay, crop and flip on
+the device from data decoded once into memory, bfloat16 and channels-last on CUDA, the same seed for every arm.
+Writes ``<out>/gpu_cifar10.{json,md,png}``: per arm the test top-1 of every classifier and the ensemble, wall time.
 
-Writes ``<out>/gpu_cifar10.{json,md,png}``: per arm the test top-1 of the deepest classifier, every exit and the
-ensemble (BYOT's equal weights), the wall time, and the device it ran on.
-
-Examples:
     python tools/gpu_cifar10.py ~/.cache/sd_plugin/cifar10 --epochs 30 --out docs/results     # one H100
     python tools/gpu_cifar10.py demo_data/cifar10_mini --device cpu --epochs 1 --max-train 256  # smoke run
 """
@@ -93,11 +88,7 @@ def run_arm(arm: str, data: Dict[str, Any], args: argparse.Namespace) -> Dict[st
     g = torch.Generator().manual_seed(args.seed)
     model = model_for(arm, device)
     exits, smoothing = ARMS[arm]
-    criterion = (
-        sd_plugin.SelfDistillLoss(label_smoothing=smoothing)
-        if exits
-        else nn.CrossEntropyLoss(label_smoothing=smoothing)
-    )
+    criterion = (sd_plugin.SelfDistillLoss if exits else nn.CrossEntropyLoss)(label_smoothing=smoothing)
     x_train, y_train = data["train"]
     steps_per_epoch = math.ceil(len(y_train) / args.batch_size)
     lr = BASE_LR * args.batch_size / BASE_BATCH
@@ -106,8 +97,7 @@ def run_arm(arm: str, data: Dict[str, Any], args: argparse.Namespace) -> Dict[st
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / steps_per_epoch) * 0.5 * (1 + math.cos(math.pi * s / total))
     )
-    mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255
+    mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) * 255 for v in (MEAN, STD))
     norm = lambda u8: ((u8.float() - mean) / std).contiguous(memory_format=torch.channels_last)  # noqa: E731
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     start = time.perf_counter()

@@ -1,20 +1,8 @@
 """Soak test of early exit under concurrent load: many threads call one model for a bounded time.
 
-N threads (default 8) call one :class:`~sd_plugin.deploy.EarlyExitModel`, then one
-:class:`~sd_plugin.deploy.OnnxCascade`, and the plain model each runs against (the unwrapped timm model in
-PyTorch; its ONNX export on ONNX Runtime), on a fixed pool of batches of mixed sizes (1 to 32). Every answer is
-compared with the answer the same object gave to the same batch sequentially (bitwise); exceptions are counted.
-Reported per variant: calls, errors, answers that differ, images per second, p50/p99 latency per call, and the
-process's resident memory (VmRSS) after a warm-up against its end and its peak.
+Threads call one ``EarlyExitModel``, then one ``OnnxCascade``, and the plain model each runs against; every answer is
+compared bitwise with the same object's sequential answer. A measurement, not a timed assertion; docs/reliability.md.
 
-Resident memory under many threads grows while glibc's per-thread malloc arenas fill, for the plain model as for
-early exit, and levels off; ``MALLOC_ARENA_MAX=2`` reaches the level sooner.
-
-The variants run one after another in every round (``--rounds``), so slow drifts of a shared machine touch all
-of them. This is a measurement, not a timed assertion (``tests/deploy/test_soak_early_exit.py`` runs it briefly
-and checks only errors and answers).
-
-Example:
     python -m tools.soak_early_exit --threads 8 --seconds 20 --rounds 2 --json soak.json
 """
 
@@ -39,15 +27,14 @@ import sd_plugin
 from sd_plugin._provenance import command_line, provenance
 from sd_plugin.core.naming import exit_name
 from sd_plugin.deploy import EarlyExitModel, ExitPolicy, OnnxCascade, export_cascade, export_onnx
-
-__all__ = ["SoakResult", "build_model", "soak", "main"]
+from tools.bench.cost import proc_status_mib
 
 MIN_BATCH, MAX_BATCH = 1, 32
 IMAGE_SHAPE = (3, 32, 32)
 NUM_CLASSES = 10
 EXIT_QUANTILES = (0.7, 0.6, 0.5)  # thresholds at these quantiles of each exit's confidence: the exits mix
-MiB = 1024 * 1024
 MAX_MESSAGES = 3  # error messages kept per variant
+_COUNTS = ("calls", "images", "errors", "mismatches")  # what a SoakResult counts
 PAGE_TITLE = "# Early exit under concurrent load"
 PAGE_MODEL = (
     "Model: timm's `test_resnet` wrapped by sd_plugin (random weights) at 32 px, three exits and the deepest "
@@ -55,17 +42,6 @@ PAGE_MODEL = (
     "variant runs for the stated time with all threads calling one shared object; every answer is compared with "
     "that object's sequential answer."
 )
-
-
-def rss_bytes() -> Optional[int]:
-    """Resident memory of this process (Linux ``/proc/self/status``; None elsewhere)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 @dataclass
@@ -91,20 +67,20 @@ class SoakResult:
     latencies: List[float] = field(default_factory=list)
     first_errors: List[str] = field(default_factory=list)
 
+    def add(self, other: SoakResult) -> None:
+        """Count ``other``'s calls, time and latencies in this result too."""
+        for name in _COUNTS + ("seconds",):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.latencies += other.latencies
+        self.first_errors += other.first_errors[: max(0, MAX_MESSAGES - len(self.first_errors))]
+
     def summary(self) -> Dict[str, Any]:
         lat = sorted(self.latencies)
         pick = lambda q: 1000 * lat[min(len(lat) - 1, int(q * len(lat)))] if lat else float("nan")  # noqa: E731
-        return dict(
-            name=self.name,
-            calls=self.calls,
-            images=self.images,
-            errors=self.errors,
-            mismatches=self.mismatches,
-            images_per_s=self.images / self.seconds if self.seconds else 0.0,
-            p50_ms=pick(0.5),
-            p99_ms=pick(0.99),
-            first_errors=self.first_errors,
-        )
+        rate = self.images / self.seconds if self.seconds else 0.0
+        counts = {k: getattr(self, k) for k in _COUNTS}
+        out = dict(name=self.name, **counts, images_per_s=rate, p50_ms=pick(0.5), p99_ms=pick(0.99))
+        return {**out, "first_errors": self.first_errors}
 
 
 def build_model(seed: int = 0) -> nn.Module:
@@ -142,16 +118,9 @@ def _torch_call(fn: Callable[[torch.Tensor], Any]) -> Callable[[torch.Tensor], A
     return call
 
 
-def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return torch.equal(a, b)
-
-
-def _same_exit_answer(a: Any, b: Any) -> bool:
-    return torch.equal(a.logits, b.logits) and torch.equal(a.exit, b.exit)
-
-
-def _same_cascade_answer(a: Any, b: Any) -> bool:
-    return np.array_equal(a.logits, b.logits) and np.array_equal(a.exit, b.exit)
+def _same_answer(equal: Callable[[Any, Any], bool]) -> Callable[[Any, Any], bool]:
+    """Two early-exit answers (logits and exit index) are the same."""
+    return lambda a, b: equal(a.logits, b.logits) and equal(a.exit, b.exit)
 
 
 def build_variants(model: nn.Module, policy: ExitPolicy, folder: Path, onnx: bool = True) -> List[Variant]:
@@ -159,8 +128,8 @@ def build_variants(model: nn.Module, policy: ExitPolicy, folder: Path, onnx: boo
     plain = sd_plugin.unwrap(copy.deepcopy(model)).eval()
     ee = EarlyExitModel(model, policy).eval()
     variants = [
-        Variant("plain (torch)", _torch_call(plain), _same_tensor),
-        Variant("EarlyExitModel", _torch_call(ee), _same_exit_answer),
+        Variant("plain (torch)", _torch_call(plain), torch.equal),
+        Variant("EarlyExitModel", _torch_call(ee), _same_answer(torch.equal)),
     ]
     if onnx:
         import onnxruntime as ort
@@ -171,23 +140,19 @@ def build_variants(model: nn.Module, policy: ExitPolicy, folder: Path, onnx: boo
         cascade = OnnxCascade(export_cascade(model, example, folder / "cascade", policy))
         variants += [
             Variant("plain (ONNX)", lambda x: session.run(None, {"images": x.numpy()})[0], np.array_equal),
-            Variant("OnnxCascade", lambda x: cascade(x.numpy()), _same_cascade_answer),
+            Variant("OnnxCascade", lambda x: cascade(x.numpy()), _same_answer(np.array_equal)),
         ]
     return variants
 
 
 def _run_threads(variant: Variant, batches: Sequence[torch.Tensor], threads: int, seconds: float) -> SoakResult:
     """``threads`` threads call ``variant`` for ``seconds``; thread t takes batches t, t + threads, ... in turn."""
-    result = SoakResult(variant.name)
-    lock = threading.Lock()
+    per_thread = [SoakResult(variant.name) for _ in range(threads)]  # summed at the end: no lock while counting
     start_line = threading.Barrier(threads + 1)
     stop = threading.Event()
 
     def worker(t: int) -> None:
-        calls = images = errors = mismatches = 0
-        latencies: List[float] = []
-        messages: List[str] = []
-        i = t
+        mine, i = per_thread[t], t
         start_line.wait()
         while not stop.is_set():
             x = batches[i % len(batches)]
@@ -195,21 +160,14 @@ def _run_threads(variant: Variant, batches: Sequence[torch.Tensor], threads: int
             try:
                 answer = variant.call(x)
             except Exception as e:  # counted and reported: the soak must see every failure
-                errors += 1
-                messages.append(f"{type(e).__name__}: {e}")
+                mine.errors += 1
+                mine.first_errors.append(f"{type(e).__name__}: {e}")
             else:
-                latencies.append(time.perf_counter() - began)
-                images += len(x)
-                mismatches += not variant.same(answer, variant.expected[i % len(batches)])
-            calls += 1
+                mine.latencies.append(time.perf_counter() - began)
+                mine.images += len(x)
+                mine.mismatches += not variant.same(answer, variant.expected[i % len(batches)])
+            mine.calls += 1
             i += threads
-        with lock:
-            result.calls += calls
-            result.images += images
-            result.errors += errors
-            result.mismatches += mismatches
-            result.latencies += latencies
-            result.first_errors += messages[: max(0, MAX_MESSAGES - len(result.first_errors))]
 
     pool = [threading.Thread(target=worker, args=(t,), daemon=True) for t in range(threads)]
     for th in pool:
@@ -220,7 +178,9 @@ def _run_threads(variant: Variant, batches: Sequence[torch.Tensor], threads: int
     stop.set()
     for th in pool:
         th.join()
-    result.seconds = time.perf_counter() - began
+    result = SoakResult(variant.name, seconds=time.perf_counter() - began)
+    for mine in per_thread:
+        result.add(mine)
     return result
 
 
@@ -232,10 +192,8 @@ def soak(
     rounds: int = 1,
     warmup_seconds: float = 1.0,
 ) -> Dict[str, Any]:
-    """Sequential answers first, a warm-up under load, then ``rounds`` rounds of every variant under load.
-
-    Returns per-variant summaries and the resident memory after the warm-up, at the end and at its peak.
-    """
+    """Sequential answers first, a warm-up under load, then ``rounds`` rounds of every variant under load; per-variant
+    summaries and the resident memory after the warm-up, at the end and at its peak."""
     if threads < 1 or seconds <= 0 or rounds < 1 or warmup_seconds < 0:
         raise ValueError(
             f"need threads >= 1, seconds > 0, rounds >= 1 and warmup_seconds >= 0; got {threads}, {seconds}, "
@@ -243,40 +201,37 @@ def soak(
         )
     for v in variants:
         v.expected = [v.call(x) for x in batches]
-    warmup = {v.name: _run_threads(v, batches, threads, warmup_seconds) for v in variants} if warmup_seconds else {}
-    rss_after_warmup = rss_bytes()
-    samples = [rss_after_warmup]
+    warmup = [_run_threads(v, batches, threads, warmup_seconds) for v in variants] if warmup_seconds else []
+    samples = [proc_status_mib("VmRSS")]  # after the warm-up, then after every variant's run
     totals = {v.name: SoakResult(v.name) for v in variants}
     for _ in range(rounds):
         for v in variants:
-            r = _run_threads(v, batches, threads, seconds / rounds)
-            t = totals[v.name]
-            t.calls, t.images, t.errors = t.calls + r.calls, t.images + r.images, t.errors + r.errors
-            t.mismatches += r.mismatches
-            t.seconds += r.seconds
-            t.latencies += r.latencies
-            t.first_errors += r.first_errors[: max(0, MAX_MESSAGES - len(t.first_errors))]
-            samples.append(rss_bytes())
+            totals[v.name].add(_run_threads(v, batches, threads, seconds / rounds))
+            samples.append(proc_status_mib("VmRSS"))
     known = [s for s in samples if s is not None]
-    return dict(
-        threads=threads,
-        seconds=seconds,
-        rounds=rounds,
-        batches=len(batches),
-        batch_sizes=sorted({len(b) for b in batches}),
-        torch_threads=torch.get_num_threads(),
-        cpus=os.cpu_count(),
-        load_average=list(os.getloadavg()),
-        warmup_errors=sum(w.errors + w.mismatches for w in warmup.values()),
-        variants=[totals[v.name].summary() for v in variants],
-        rss_after_warmup_mib=rss_after_warmup / MiB if rss_after_warmup else None,
-        rss_end_mib=known[-1] / MiB if known else None,
-        rss_peak_mib=max(known) / MiB if known else None,
-        rss_samples_mib=[round(x / MiB, 1) for x in known],  # after the warm-up, then after every variant's run
+    run = dict(threads=threads, seconds=seconds, rounds=rounds, batches=len(batches))
+    machine = dict(torch_threads=torch.get_num_threads(), cpus=os.cpu_count(), load_average=list(os.getloadavg()))
+    end, peak = (known[-1], max(known)) if known else (None, None)
+    rss = dict(rss_after_warmup_mib=samples[0], rss_end_mib=end, rss_peak_mib=peak)
+    return {
+        **run,
+        "batch_sizes": sorted({len(b) for b in batches}),
+        **machine,
+        "warmup_errors": sum(w.errors + w.mismatches for w in warmup),
+        "variants": [totals[v.name].summary() for v in variants],
+        **rss,
+        "rss_samples_mib": [round(x, 1) for x in known],
+    }
+
+
+def report_parts(report: Dict[str, Any]) -> List[str]:
+    """The report's paragraphs: the run, the table, memory, and where early exit answered."""
+    load = ", ".join(f"{x:.2f}" for x in report["load_average"])
+    head = (
+        f"{report['threads']} threads, {report['seconds']:g} s per variant in {report['rounds']} round(s), "
+        f"{report['batches']} batches of {MIN_BATCH}-{MAX_BATCH} images, torch threads {report['torch_threads']}, "
+        f"{report['cpus']} CPUs, load average at the end {load}"
     )
-
-
-def format_report(report: Dict[str, Any]) -> str:
     rows = [
         "| variant | calls | errors | differ from sequential | images/s | p50 ms | p99 ms |",
         "|---|---|---|---|---|---|---|",
@@ -286,33 +241,16 @@ def format_report(report: Dict[str, Any]) -> str:
             f"| {v['name']} | {v['calls']} | {v['errors']} | {v['mismatches']} | {v['images_per_s']:.0f} | "
             f"{v['p50_ms']:.2f} | {v['p99_ms']:.2f} |"
         )
-    rss = report["rss_after_warmup_mib"], report["rss_end_mib"], report["rss_peak_mib"]
+    start, end, peak = report["rss_after_warmup_mib"], report["rss_end_mib"], report["rss_peak_mib"]
     memory = (
-        f"resident memory after warm-up {rss[0]:.1f} MiB, at the end {rss[1]:.1f} MiB "
-        f"(growth {rss[1] - rss[0]:+.1f} MiB), peak {rss[2]:.1f} MiB"
-        if None not in rss
+        f"resident memory after warm-up {start:.1f} MiB, at the end {end:.1f} MiB (growth {end - start:+.1f} MiB), "
+        f"peak {peak:.1f} MiB"
+        if None not in (start, end, peak)
         else "resident memory: not available on this system"
-    )
-    load = ", ".join(f"{x:.2f}" for x in report["load_average"])
-    head = (
-        f"{report['threads']} threads, {report['seconds']:g} s per variant in {report['rounds']} round(s), "
-        f"{report['batches']} batches of {MIN_BATCH}-{MAX_BATCH} images, torch threads {report['torch_threads']}, "
-        f"{report['cpus']} CPUs, load average at the end {load}"
     )
     shares = report.get("exit_shares", {})
     shares = ", ".join(f"{exit_name(int(k) - 1, len(shares) - 1)}: {100 * v:.0f}%" for k, v in shares.items())
-    return "\n".join([head, *rows, memory, f"early exit answers by exit: {shares}"])
-
-
-def _paragraphs(text: str) -> str:
-    """The report as Markdown: the heading line and the lines after the table as paragraphs of their own."""
-    lines = text.split("\n")
-    out = [lines[0], ""]
-    for line in lines[1:]:
-        if not line.startswith("|") and out[-1].startswith("|"):
-            out.append("")
-        out += [line] if line.startswith("|") or out[-1] == "" else ["", line]
-    return "\n".join(out)
+    return [head, "\n".join(rows), memory, f"early exit answers by exit: {shares}"]
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -342,13 +280,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     exits = torch.cat([a.exit for a in answers])
     report["exit_shares"] = {int(k): round(float((exits == k).float().mean()), 3) for k in exits.unique()}
     report["command"] = command_line("tools.soak_early_exit", argv)
-    text = format_report(report)
-    print(text, flush=True)
+    parts = report_parts(report)
+    print("\n".join(parts), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
     if args.md:
-        page = [PAGE_TITLE, "", provenance(report["command"]), "", PAGE_MODEL, "", _paragraphs(text)]
-        Path(args.md).write_text("\n".join(page) + "\n")
+        page = [PAGE_TITLE, provenance(report["command"]), PAGE_MODEL, *parts]
+        Path(args.md).write_text("\n\n".join(page) + "\n")
     return report
 
 

@@ -1,6 +1,6 @@
 # The front-door demo: a quarter-width CIFAR ResNet-18 trained with self-distillation on the embedded
 # 2,000-image CIFAR-10 subset (demo_data/cifar10_mini), sized for 2 CPU cores in a few minutes.
-# Run it with `make demo` (or `python tools/demo.py`).
+# Run it with `make demo` (or `python examples/quickstart.py`).
 _base_ = ['mmpretrain::resnet/resnet18_8xb16_cifar10.py']
 
 # The one line that adds self-distillation to any MMPretrain classification config:

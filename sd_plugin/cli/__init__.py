@@ -1,10 +1,11 @@
-"""``sd-plugin``: what a user does with a self-distillation model after training.
+"""``sd-plugin``: train a self-distillation model, then use it.
 
-Subcommands: ``report`` (per-exit accuracy, parameters, FLOPs, ensemble, calibrated early exit),
-``calibrate`` (early-exit thresholds to an ExitPolicy JSON), ``strip`` (the original model's checkpoint)
-and ``export`` (ONNX: the model up to an exit, or the early-exit cascade). Each one is a thin layer over
-the library's own functions (:mod:`sd_plugin.deploy`). Installed as the ``sd-plugin`` console script;
-``python -m sd_plugin`` is the same.
+Subcommands: ``train`` (an MMPretrain config through mmengine's Runner) and ``train-timm`` (a timm model on an
+ImageFolder), both also under ``torchrun``; ``report`` (per-exit accuracy, parameters, FLOPs, ensemble, calibrated
+early exit), ``calibrate`` (early-exit thresholds to an ExitPolicy JSON), ``strip`` (the original model's checkpoint)
+and ``export`` (ONNX: the model up to an exit, or the early-exit cascade). Each one is a thin layer over the
+library's own functions (:mod:`sd_plugin.deploy`, :mod:`sd_plugin.timm_adapter`, sd_plugin's mmengine components).
+Installed as the ``sd-plugin`` console script; ``python -m sd_plugin`` is the same.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 from typing import List, Optional, Sequence
 
 from ..version import __version__
-from . import calibrate, export, report, strip
+from . import calibrate, export, report, strip, train, train_timm
 from ._load import plain_doc
 
 __all__ = ["main", "build_parser"]
@@ -25,12 +26,14 @@ PROG = "sd-plugin"
 EXIT_ERROR = 1
 
 EPILOG = """examples:
+  sd-plugin train-timm ~/data/cifar10 --model resnet18 --img-size 32 --epochs 10 --output work_dirs/r18
+  sd-plugin train my_sd_config.py --work-dir work_dirs/mm
   sd-plugin report work_dirs/r18/checkpoint-last.pth --data ~/data/cifar10 --split test
   sd-plugin calibrate work_dirs/r18/checkpoint-last.pth --data ~/data/cifar10 --split val --max-drop 1 -o policy.json
   sd-plugin export work_dirs/r18/checkpoint-last.pth --policy policy.json -o cascade/
   sd-plugin strip work_dirs/r18/checkpoint-last.pth r18_plain.pth
 
-A model is given by its checkpoint: one written by tools/train_timm.py (it names the timm architecture), or
+A model is given by its checkpoint: one written by 'sd-plugin train-timm' (it names the timm architecture), or
 an MMPretrain one with its config (--config). 'sd-plugin COMMAND --help' lists a command's options.
 """
 
@@ -46,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--traceback", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (report, calibrate, strip, export):
+    for module in (train, train_timm, report, calibrate, strip, export):
         module.add_parser(sub)
     return parser
 

@@ -2,7 +2,7 @@
 
 Two sources of models:
 
-- a timm checkpoint: ``checkpoint-last.pth`` of ``tools/train_timm.py`` (its ``'arch'`` and ``'args'`` say how
+- a timm checkpoint: ``checkpoint-last.pth`` of ``sd-plugin train-timm`` (its ``'arch'`` and ``'args'`` say how
   to rebuild the model), or the state dict of ``sd_plugin.wrap(...)`` saved from one's own loop (``--timm-model``
   names the architecture);
 - an MMPretrain config with ``model.type='SelfDistillClassifier'`` (``--config``) and a checkpoint of it; only
@@ -83,7 +83,7 @@ class Loaded:
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """The model source: a checkpoint, and an MMPretrain config or what a bare timm state dict leaves unsaid."""
-    p.add_argument("checkpoint", help="self-distillation checkpoint (tools/train_timm.py's, or MMPretrain's)")
+    p.add_argument("checkpoint", help="self-distillation checkpoint (sd-plugin train-timm's, or MMPretrain's)")
     g = p.add_argument_group("model")
     g.add_argument("--config", help="MMPretrain config with model.type='SelfDistillClassifier' (the checkpoint's)")
     g.add_argument("--timm-model", help="timm architecture, for a checkpoint that does not name it")
@@ -146,7 +146,7 @@ def _saved_args(ckpt: Mapping[str, Any]) -> Mapping[str, Any]:
 
 
 def create_timm(arch: str, num_classes: int, img_size: Optional[int]) -> nn.Module:
-    """``timm.create_model`` as tools/train_timm.py calls it: at ``img_size`` when the model takes one."""
+    """``timm.create_model`` as ``sd-plugin train-timm`` calls it: at ``img_size`` when the model takes one."""
     import timm
 
     if img_size:
@@ -161,7 +161,7 @@ def timm_arch(args: argparse.Namespace, ckpt: Mapping[str, Any]) -> str:
     arch = args.timm_model or ckpt.get("arch") or _saved_args(ckpt).get("model")
     if not isinstance(arch, str) or not arch:
         raise ValueError(
-            f"{args.checkpoint} does not name a timm architecture (no 'arch' entry, as tools/train_timm.py writes): "
+            f"{args.checkpoint} does not name a timm architecture (no 'arch' entry, as sd-plugin train-timm writes): "
             "give --timm-model NAME, or --config CONFIG for an MMPretrain checkpoint."
         )
     return arch

@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Optional
 from .._provenance import provenance
 from ..deploy.speed import BATCHES
 
-__all__ = ["markdown", "plot"]
+__all__ = ["markdown", "plot", "latency_plot_path"]
 
 MEGA = 1e6
 NAMES = {"eager": "eager", "onnx": "ONNX"}
@@ -94,6 +94,40 @@ def _speed_note(report: Dict[str, Any]) -> List[str]:
     ]
 
 
+def _baseline_table(report: Dict[str, Any]) -> List[str]:
+    """Plain models beside the exits: accuracy and cost, then every timed point on the accuracy-latency plane."""
+    rows = report.get("baselines")
+    if not rows:
+        return []
+    lines = ["", "Plain models, scored on the same test images:", ""]
+    lines += ["| plain model | top-1 | top-5 | params (M) | MFLOPs |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['name']} | {r['top1']:.2f} | {r['top5']:.2f} | {r['params'] / MEGA:.3f} | "
+            f"{_num(r['flops'], '.1f', MEGA)} |"
+        )
+    if "frontier" not in report:
+        return lines
+    from ._baselines import plane_points
+
+    best = {b: set(report["frontier"][b]) for b in BATCHES}
+    lines += [
+        "",
+        "Accuracy against latency (eager PyTorch, timed in the same interleaved rounds); frontier: no other point "
+        "is at least as accurate and as fast:",
+        "",
+        "| point | kind | top-1 | latency b1 (ms) | latency b32 (ms) | on the frontier at |",
+        "|---|---|---|---|---|---|",
+    ]
+    for q in plane_points(report):
+        on = ", ".join(b for b in BATCHES if q["label"] in best[b]) or "-"
+        lines.append(
+            f"| {q['label']} | {q['kind']} | {q['top1']:.2f} | {q['latency_b1_ms']:.2f} | "
+            f"{q['latency_b32_ms']:.1f} | {on} |"
+        )
+    return lines
+
+
 def markdown(report: Dict[str, Any]) -> str:
     """The report's tables: one row per exit (and the ensemble), then the calibrated operating points."""
     lines = [f"## Exits of `{report['model']}` ({report['num_samples']} images of {report['data']})", ""]
@@ -125,6 +159,7 @@ def markdown(report: Dict[str, Any]) -> str:
             "",
         ]
         lines += _points_table(report) + _speed_note(report)
+    lines += _baseline_table(report)
     return "\n".join(lines) + "\n"
 
 
@@ -139,7 +174,6 @@ def plot(report: Dict[str, Any], path: Path) -> Optional[str]:
         return "matplotlib is not installed: pip install 'sd-plugin[analysis]'"
     if not report["flops_counted"]:
         return "FLOPs were not counted: pip install mmengine"
-    from .._io import atomic_write_path
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -162,10 +196,48 @@ def plot(report: Dict[str, Any], path: Path) -> Optional[str]:
     ax.set_xlabel("MFLOPs per image (average for early exit)")
     ax.set_ylabel("top-1 (%)")
     ax.set_title(f"{report['model']}: accuracy vs compute per exit")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    _finish(ax, fig, path, plt)
+    if "frontier" in report:
+        _latency_plot(report, latency_plot_path(path), plt)
+    return None
+
+
+def latency_plot_path(path: Path) -> Path:
+    """Where :func:`plot` draws accuracy against latency, beside the accuracy-against-FLOPs plot at ``path``."""
+    return path.with_name(f"{path.stem}_latency{path.suffix}")
+
+
+def _latency_plot(report: Dict[str, Any], path: Path, plt: Any) -> None:
+    """Top-1 against measured latency at batch 1 and 32: single exits, early exit and the plain models."""
+    from ._baselines import KINDS, plane_points
+
+    points = plane_points(report)
+    fig, axes = plt.subplots(1, len(BATCHES), figsize=(PLOT_SIZE[0] * len(BATCHES), PLOT_SIZE[1]))
+    for ax, b in zip(axes, BATCHES):
+        key = f"latency_{b}_ms"
+        for kind, style in zip(KINDS, ("o-", "s-", "D", "*")):
+            mine = [q for q in points if q["kind"] == kind]  # exits in their order, plain models by latency
+            mine = sorted(mine, key=lambda q: q[key]) if kind == KINDS[0] else mine
+            if mine:
+                ax.plot([q[key] for q in mine], [q["top1"] for q in mine], style, ms=8, label=kind)
+                for q in mine:
+                    ax.annotate(
+                        q["label"], (q[key], q["top1"]), textcoords="offset points", xytext=(4, -10), fontsize=6
+                    )
+        ax.set_xlabel(f"latency at {b} (ms{' per image' if b == 'b1' else ' per batch of 32'})")
+        ax.set_ylabel("top-1 (%)")
+        ax.set_title(f"{report['model']}: accuracy vs latency, {b}")
+    _finish(axes, fig, path, plt)
+
+
+def _finish(axes: Any, fig: Any, path: Path, plt: Any) -> None:
+    """Grid and legend on every axis, then the figure written to ``path`` (atomically) and closed."""
+    from .._io import atomic_write_path
+
+    for ax in getattr(axes, "flat", [axes]):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     with atomic_write_path(path) as tmp:
         fig.savefig(tmp, dpi=PLOT_DPI, format="png")
     plt.close(fig)
-    return None

@@ -22,7 +22,7 @@ DEFAULT_ATOL = 1e-4
 EXAMPLE_BATCH = 2
 
 EPILOG = """examples:
-  # the plain model (the deepest classifier) of a tools/train_timm.py checkpoint
+  # the plain model (the deepest classifier) of a checkpoint of sd-plugin train-timm
   sd-plugin export work_dirs/r18/checkpoint-last.pth -o r18.onnx
   # a small model that ends at exit 2
   sd-plugin export work_dirs/r18/checkpoint-last.pth --exit 2 -o r18_exit2.onnx

@@ -29,7 +29,19 @@ import torch.nn as nn
 
 from .._provenance import environment
 from ..deploy._timing import BATCH_TIMED
-from ._data import DataSpec, add_data_args, data_spec
+from ..deploy.speed import BATCHES
+from ._baselines import (
+    add_baseline_args,
+    baseline_key,
+    baseline_logits,
+    baseline_rows,
+    extra_nets,
+    frontier,
+    load_baselines,
+    plane_points,
+    point_keys,
+)
+from ._data import DataSpec, add_data_args, batches, data_spec, progress
 from ._load import add_model_args, add_progress_arg, load_model, plain_doc
 from ._render import markdown, plot
 from .calibrate import add_calibration_args, calibrate_options, collect, count_costs
@@ -53,7 +65,7 @@ DEFAULT_SINGLES = 16
 DEFAULT_REPEATS = 5
 
 EPILOG = """examples:
-  # a checkpoint of tools/train_timm.py on the test split of an ImageFolder root
+  # a checkpoint of sd-plugin train-timm on the test split of an ImageFolder root
   sd-plugin report work_dirs/r18/checkpoint-last.pth --data ~/data/cifar10 --split test
   # with early exit: thresholds calibrated on training images the model never saw, figures on the test split
   sd-plugin report work_dirs/r18/checkpoint-last.pth --data ~/data/cifar10 --split test \\
@@ -65,6 +77,9 @@ EPILOG = """examples:
   # an MMPretrain model on its config's test set, calibrated on its val set, with latency (eager PyTorch only)
   sd-plugin report work_dirs/x/epoch_10.pth --config my_sd_config.py --mm-split test --calib-mm-split val \\
       --timing --no-onnx
+  # early exit against smaller plain models: accuracy and latency side by side, and which of them no other beats
+  sd-plugin report work_dirs/r18/checkpoint-last.pth --data ~/data/cifar10 --split test \\
+      --calib-split train --calib-ann held_out.txt --timing --baseline work_dirs/r10_plain/checkpoint-last.pth
 """
 
 
@@ -92,6 +107,7 @@ def add_parser(sub: Any) -> None:
     t.add_argument(
         "--no-onnx", action="store_true", help="time eager PyTorch only (default: ONNX Runtime too, when installed)"
     )
+    add_baseline_args(p.add_argument_group("comparison with plain models (scored and timed alongside the exits)"))
     o = p.add_argument_group("output")
     o.add_argument("--out-dir", default="sd_plugin_report", help="folder of the .json/.md/.png (default: %(default)s)")
     o.add_argument("--name", help="file stem (default: report_<model>)")
@@ -212,8 +228,16 @@ def _ensemble_net(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     return run
 
 
-def time_exits(model: nn.Module, names: List[str], images: torch.Tensor, singles: int, repeats: int) -> Dict[str, Any]:
-    """Median latency (ms) of a model ending at each exit and of the ensemble, at batch 1 and 32, interleaved."""
+def time_exits(
+    model: nn.Module,
+    names: List[str],
+    images: torch.Tensor,
+    singles: int,
+    repeats: int,
+    extra: Optional[Dict[str, Callable[[torch.Tensor], Any]]] = None,
+) -> Dict[str, Any]:
+    """Median latency (ms) of a model ending at each exit, of the ensemble and of the ``extra`` callables (early
+    exit, plain models), at batch 1 and 32, all in the same interleaved rounds."""
     from ..deploy import truncate
     from ..deploy._timing import each, interleaved_medians, timed_inputs
 
@@ -221,6 +245,7 @@ def time_exits(model: nn.Module, names: List[str], images: torch.Tensor, singles
         n: truncate(model, exit=k + 1, example_input=images[:1]) for k, n in enumerate(names)
     }
     nets["ensemble"] = _ensemble_net(model)
+    nets.update(extra or {})
     ones, b32 = timed_inputs(images, singles)
     lat1 = interleaved_medians({n: each(m, ones) for n, m in nets.items()}, repeats)
     lat32 = interleaved_medians({n: each(m, [b32]) for n, m in nets.items()}, repeats)
@@ -287,6 +312,7 @@ def build_report(args: argparse.Namespace, argv: Optional[Sequence[str]] = None)
     if args.timing and (args.repeats < 1 or args.b1_images < 1):
         raise ValueError("--repeats and --b1-images must be >= 1.")
     loaded = load_model(args)
+    baselines = load_baselines(args, loaded)
     show = not args.no_progress
     keep = max(BATCH_TIMED, args.b1_images) if args.timing else 1
     data, images = collect(loaded, spec, "test images", show, keep)
@@ -307,6 +333,10 @@ def build_report(args: argparse.Namespace, argv: Optional[Sequence[str]] = None)
         "early_exit_curve": sweep(data, answer),
         "operating_points": [],
     }
+    if baselines:
+        items = progress(batches(loaded, spec), "plain models", show)
+        logits = baseline_logits(baselines, items)
+        report["baselines"] = baseline_rows(baselines, logits, data.targets, example, topk, TOP_K)
     points: List[Tuple[Dict[str, Any], Any]] = []
     if cal_spec is not None:
         cal, _ = collect(loaded, cal_spec, "calibration images", show)
@@ -316,8 +346,15 @@ def build_report(args: argparse.Namespace, argv: Optional[Sequence[str]] = None)
             opts = {"criterion": args.criterion, **options, "method": method}
             points += operating_points(cal, data, costs, args.max_drops, opts)
     if args.timing:
-        for row, lat in zip(rows, time_exits(loaded.model, data.names, images, args.b1_images, args.repeats).values()):
-            row.update(lat)
+        extra = extra_nets(loaded.model, points, baselines)
+        lat = time_exits(loaded.model, data.names, images, args.b1_images, args.repeats, extra)
+        for row in rows:
+            row.update(lat[row["exit"]])
+        for (point, policy), key in zip(points, point_keys(points)):
+            if policy is not None:
+                point.update(lat[key])
+        for row, b in zip(report.get("baselines", []), baselines):
+            row.update(lat[baseline_key(b.name)])
         report["timing"] = {
             "device": str(loaded.device),
             "torch_threads": torch.get_num_threads(),
@@ -326,6 +363,10 @@ def build_report(args: argparse.Namespace, argv: Optional[Sequence[str]] = None)
             **time_points(loaded.model, points, images, args),
         }
     report["operating_points"] = [p for p, _ in points]
+    if args.timing:
+        report["frontier"] = {
+            b: [p["label"] for p in frontier(plane_points(report), f"latency_{b}_ms")] for b in BATCHES
+        }
     args_given = sys.argv[1:] if argv is None else list(argv)
     report["command"] = " ".join(["sd-plugin", *map(shlex.quote, args_given)])
     report.update(environment())  # versions, hardware, date
@@ -346,7 +387,7 @@ def run(args: argparse.Namespace) -> int:
     written = [".json", ".md"]
     why_not = plot(report, out / f"{stem}.png")
     if why_not is None:
-        written.append(".png")
+        written += [".png", "_latency.png"] if "frontier" in report else [".png"]
     print(md)
     print(f"wrote {out / stem}{', '.join(written)}" + (f" (no plot: {why_not})" if why_not else ""))
     return 0

@@ -3,7 +3,7 @@
 Built on :func:`sd_plugin.deploy.strip_checkpoint`: the deepest classifier is the user's own model, so
 only the exit weights go (and the optimizer and scheduler state of the training run). The result is
 checked by building the original model and loading it strictly: the timm architecture a
-``tools/train_timm.py`` checkpoint names, or the original MMPretrain config given by ``--check-config``.
+``sd-plugin train-timm`` checkpoint names, or the original MMPretrain config given by ``--check-config``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from ._load import create_timm, num_classes_from_exits, plain_doc, read_checkpoi
 __all__ = ["add_parser", "run"]
 
 EPILOG = """examples:
-  # a checkpoint of tools/train_timm.py: the result loads into timm.create_model(arch) (checked)
+  # a checkpoint of sd-plugin train-timm: the result loads into timm.create_model(arch) (checked)
   sd-plugin strip work_dirs/r18/checkpoint-last.pth r18_plain.pth
   # an MMPretrain checkpoint, checked against the original config (without the two sd_plugin lines)
   sd-plugin strip work_dirs/x/epoch_10.pth plain.pth --check-config configs/original_config.py

@@ -83,7 +83,7 @@ class SelfDistillConfig:
         cskd_weight: CS-KD's weight of the KL term between same-class pairs
             (Yun et al., CVPR 2020, authors: 1.0; 0 = off). Needs the class-pair
             sampler (MMPretrain: ``sampler=dict(type='ClassPairSampler')``;
-            timm: ``tools/train_timm.py --cs-kd``).
+            timm: ``sd-plugin train-timm --cs-kd``).
         cskd_temperature: CS-KD's temperature (authors: 4).
         tfkd_weight: Tf-KD-reg's weight alpha of the KL term to a hand-made
             teacher, the label loss being weighted 1 - alpha (Yuan et al., CVPR

@@ -238,7 +238,7 @@ class SelfDistillLoss(nn.Module):
 
     Warm-up: :meth:`set_distill_scale` multiplies the KD and hint weights by a
     scale in [0, 1] (MMPretrain: ``DistillWeightWarmupHook``; timm:
-    ``tools/train_timm.py --sd-warmup-epochs``). PS-KD: pass ``sample_index``
+    ``sd-plugin train-timm --sd-warmup-epochs``). PS-KD: pass ``sample_index``
     (each sample's data-set index) and call :meth:`set_progress` every epoch;
     the past predictions are in this module's ``state_dict`` (extra state), so
     saving and loading the criterion with the checkpoint resumes them.

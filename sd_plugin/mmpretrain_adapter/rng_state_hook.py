@@ -2,7 +2,7 @@
 
 So a crashed run resumed with ``resume=True`` repeats exactly what the uninterrupted
 run would have done, with shuffling, random augmentation and data-loader workers.
-``tools/train.py`` adds it by default (``--no-rng-state-hook`` leaves it out).
+``sd-plugin train`` adds it by default (``--no-rng-state-hook`` leaves it out).
 """
 
 from __future__ import annotations

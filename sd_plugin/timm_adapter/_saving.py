@@ -121,7 +121,7 @@ def _read_config(folder: Path) -> Dict[str, Any]:
     if not path.is_file():
         raise ValueError(
             f"load_exits(): {str(folder)!r} has no {CONFIG_NAME}, so it holds no saved exit set. Save one with "
-            "sd_model.save_exits(directory) (tools/train_timm.py writes one beside its exits.pth); for a bare "
+            "sd_model.save_exits(directory) (sd-plugin train-timm writes one beside its exits.pth); for a bare "
             "exits state dict use sd_model.load_exits_state_dict()."
         )
     try:
@@ -196,11 +196,11 @@ def _check_keys(sd_model: SelfDistillModel, state: Mapping[str, torch.Tensor], p
 
 
 def load_exits(model: nn.Module, directory: PathLike, **options: Any) -> SelfDistillModel:
-    """Wrap a plain timm model with an exit set saved by ``SelfDistillModel.save_exits`` (or tools/train_timm.py).
+    """Wrap a plain timm model with an exit set saved by ``SelfDistillModel.save_exits`` (or ``sd-plugin train-timm``).
 
     Args:
         model: The timm model the exits were trained on (same architecture, same ``num_classes``), with its own
-            weights loaded (e.g. ``model_plain.pth`` of ``tools/train_timm.py``).
+            weights loaded (e.g. ``model_plain.pth`` of ``sd-plugin train-timm``).
         directory: The folder holding ``sd_plugin_config.json`` and the exits' weights.
         **options: Options to change from the saved ones that shape no weight (``predict_exit='ensemble'``, the
             loss weights, ...); ``exit_indices`` and ``exit_hidden_ratio`` come from the saved set.

@@ -1,25 +1,39 @@
-"""Helpers of ``tools/train_timm.py``: distributed setup, data, one epoch of training, per-exit validation."""
+"""Helpers of ``sd-plugin train-timm`` (:mod:`sd_plugin.cli.train_timm`): distributed setup, model, data, resume,
+one epoch of training, per-exit validation."""
 
 from __future__ import annotations
 
+import argparse
 import os
+import pickle
+import random
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager, Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
 from .._dist import init_process_group_from_env
-from ..core import SelfDistillOutput
+from .._io import check_checkpoint_file
+from .._safe_globals import load_checkpoint_file, refuse_unsafe_checkpoint
+from ..core import SelfDistillConfig, SelfDistillOutput
 from ..core.naming import exit_names
 
 __all__ = [
     "DistInfo",
     "setup_distributed",
+    "create_model",
+    "sd_config",
+    "seed_epoch",
+    "load_resume_checkpoint",
+    "wrap_ddp",
+    "average_over_ranks",
     "build_dataset",
     "build_loader",
     "WithIndex",
@@ -51,7 +65,8 @@ class DistInfo:
 #: For the error when WORLD_SIZE says distributed but other torchrun variables are missing.
 _TIMM_LAUNCH = (
     "a distributed run (WORLD_SIZE > 1)",
-    "Start it with `torchrun --nproc_per_node=N tools/train_timm.py ...`, or unset WORLD_SIZE for a single process.",
+    "Start it with `torchrun --nproc_per_node=N -m sd_plugin train-timm ...`, or unset WORLD_SIZE for a single "
+    "process.",
 )
 
 
@@ -77,6 +92,97 @@ def setup_distributed(device: str, timeout_s: Optional[float] = None) -> DistInf
     if not dist.is_initialized():
         init_process_group_from_env("nccl" if dev.type == "cuda" else "gloo", timeout_s, _TIMM_LAUNCH)
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), device=dev)
+
+
+def create_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
+    """timm.create_model at --img-size when the model takes an img_size, else its own size."""
+    import timm
+
+    kwargs: Dict[str, Any] = dict(pretrained=args.pretrained, num_classes=num_classes)
+    if args.initial_checkpoint:
+        check_checkpoint_file(args.initial_checkpoint, "--initial-checkpoint")
+        kwargs["checkpoint_path"] = args.initial_checkpoint
+    try:
+        if args.img_size:
+            try:
+                return timm.create_model(args.model, img_size=args.img_size, **kwargs)
+            except TypeError:
+                pass  # a fully convolutional model: takes any size
+        return timm.create_model(args.model, **kwargs)
+    except RuntimeError as err:  # timm loads with weights_only=True and reports a refused pickle this way
+        if isinstance(err.__cause__, pickle.UnpicklingError):
+            raise refuse_unsafe_checkpoint(args.initial_checkpoint, err.__cause__, "--initial-checkpoint") from err
+        raise
+
+
+def sd_config(args: argparse.Namespace) -> SelfDistillConfig:
+    """The exits' options from the ``--sd-*`` flags and the methods' flags."""
+    return SelfDistillConfig(
+        exit_indices=[] if args.sd_no_exits else args.sd_exit_indices,
+        temperature=args.sd_temperature,
+        ce_weight=args.sd_ce_weight,
+        kd_weight=args.sd_kd_weight,
+        hint_weight=args.sd_hint_weight,
+        hint_form=args.sd_hint_form,
+        pskd_alpha=args.pskd,
+        cskd_weight=args.cs_kd,
+        tfkd_weight=args.tfkd,
+        zipf_weight=args.zipf,
+        zipf_power=args.zipf_power,
+        deepest_weight=args.sd_deepest_weight,
+        exit_hidden_ratio=args.sd_exit_hidden_ratio,
+    )
+
+
+def seed_epoch(seed: int, epoch: int, rank: int, loader: DataLoader) -> None:
+    """Seed every random source from (seed, epoch, rank), so a resumed run repeats the epochs it re-runs exactly."""
+    epoch_seed = seed + 1000 * epoch + rank
+    random.seed(epoch_seed)
+    np.random.seed(epoch_seed % 2**32)
+    torch.manual_seed(epoch_seed)
+    if loader.generator is not None:
+        loader.generator.manual_seed(epoch_seed)
+
+
+RESUME_KEYS = ("state_dict", "optimizer", "scheduler", "epoch")
+
+
+def load_resume_checkpoint(path: str) -> Dict[str, Any]:
+    """The checkpoint-last.pth of an earlier run, or a ValueError that says what the file is instead."""
+    check_checkpoint_file(path, "--resume", pattern="checkpoint-*.pth")
+    ckpt = load_checkpoint_file(
+        path, "--resume", mmengine_objects=False
+    )  # data only: a crafted file is refused, its code never runs
+    missing = [k for k in RESUME_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise ValueError(
+            f"--resume {path!r} is not a checkpoint of sd-plugin train-timm (no {missing}): resume from the "
+            "checkpoint-last.pth of an earlier run; to start from plain timm weights use --initial-checkpoint."
+        )
+    return ckpt
+
+
+def wrap_ddp(net: nn.Module, info: Any) -> DistributedDataParallel:
+    """The DDP wrapper of ``sd-plugin train-timm`` (torch's defaults: ``broadcast_buffers=True``, no
+    ``find_unused_parameters``).
+
+    Validation runs on rank 0 alone, over the whole validation set: DDP keeps the parameters identical on every
+    rank and, with ``broadcast_buffers=True``, every forward starts from rank 0's BatchNorm buffers, so rank 0
+    holds the model all ranks train; sharding validation would give the same numbers, only sooner.
+    """
+    return DistributedDataParallel(net, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+
+
+def average_over_ranks(stats: Dict[str, Any], info: DistInfo) -> Dict[str, Any]:
+    """Epoch loss and loss terms averaged over the ranks (each rank trains on its own shard), per-rank losses kept."""
+    if not info.distributed:
+        return stats
+    names = sorted(stats["terms"])
+    local = torch.tensor([stats["loss"], *(stats["terms"][k] for k in names)], dtype=torch.float64)
+    gathered = [torch.zeros_like(local) for _ in range(info.world_size)]
+    dist.all_gather(gathered, local)
+    mean = torch.stack(gathered).mean(dim=0).tolist()
+    return dict(stats, loss=mean[0], terms=dict(zip(names, mean[1:])), loss_per_rank=[g[0].item() for g in gathered])
 
 
 def build_dataset(

@@ -1,4 +1,4 @@
-"""The methods on the timm route: ``tools/train_timm.py --pskd --cs-kd --tfkd`` trains, saves and resumes exactly."""
+"""The methods on the timm route: ``sd-plugin train-timm --pskd --cs-kd --tfkd`` trains, saves and resumes exactly."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 timm = pytest.importorskip("timm")
 
-from tools import train_timm  # noqa: E402
+from sd_plugin.cli import train_timm  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "demo_data" / "cifar10_mini"

@@ -1,7 +1,7 @@
 """MMPretrain's packaged configs, unchanged but the input size, through the coverage tool's own check.
 
-The check (``tools/_coverage_mmp_check.py``, also run by ``tools/coverage_mmpretrain.py`` over every packaged
-ImageClassifier config) builds the config with the two lines and as the plain ImageClassifier with the same
+The check (``check_config`` of ``tools/coverage_mmpretrain.py``, which runs it over every packaged ImageClassifier
+config) builds the config with the two lines and as the plain ImageClassifier with the same
 weights; one training step on one batch: deepest loss equal to the plain model's, a finite non-zero gradient on
 every exit parameter; after an SGD step ``predict`` equal to the plain model's; exits placed where they are useful.
 INCLUDE lists configs that pass; EXCLUDE those that do not, with the reason (see the README's coverage table).
@@ -45,8 +45,7 @@ def test_packaged_config(rel: str) -> None:
     import torch
     from mmengine import Config
 
-    from tools._coverage_mmp import CONFIG_ROOT, input_size, model_cfg
-    from tools._coverage_mmp_check import check_config
+    from tools.coverage_mmpretrain import CONFIG_ROOT, check_config, input_size, model_cfg
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

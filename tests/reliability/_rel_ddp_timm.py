@@ -1,6 +1,6 @@
 """DDP probe for the timm route: a wrapped timm model trained a few steps by torch DDP (gloo, CPU).
 
-Run under ``torchrun --nproc_per_node=2`` it trains with the DDP wrapper of ``tools/train_timm.py``
+Run under ``torchrun --nproc_per_node=2`` it trains with the DDP wrapper of ``sd-plugin train-timm``
 (``wrap_ddp``: torch's defaults, so ``broadcast_buffers=True`` and no ``find_unused_parameters``), each rank on
 its half of a fixed global batch. Run with ``--reference`` as one process it does the same optimisation with
 gradient accumulation over the two halves (loss / 2 each), which is exactly what DDP's gradient averaging

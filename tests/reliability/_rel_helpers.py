@@ -195,7 +195,7 @@ def augmented_epoch_config(
 ) -> Dict[str, Any]:
     """Epoch-based training as users run it: shuffled sampler, RandomCrop + RandomFlip, workers, validation.
 
-    Persistent workers are left to ``tools/train.py`` (MMPretrain's rule: on when ``num_workers > 0``).
+    Persistent workers are left to ``sd-plugin train`` (MMPretrain's rule: on when ``num_workers > 0``).
     """
     cfg = mm_config(data_root, work_dir, model=model, batch_size=batch_size)
     pipeline = [

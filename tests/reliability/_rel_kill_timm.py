@@ -1,4 +1,4 @@
-"""``tools/train_timm.py ARGS`` whose save after epoch ``--stall-at-epoch`` stalls half-way (a test then SIGKILLs it).
+"""``sd-plugin train-timm ARGS`` whose save after epoch ``--stall-at-epoch`` stalls half-way (a test then SIGKILLs it).
 
 Usage: ``python _rel_kill_timm.py MARKER EPOCH -- TRAIN_TIMM_ARGS``.
 """

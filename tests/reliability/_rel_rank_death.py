@@ -5,7 +5,7 @@ death comes at a known step while the other rank trains on into that step's grad
 
 - MMPretrain route: ``StallRankHook`` (registered here; put ``'_rel_rank_death'`` in ``custom_imports``).
 - timm route: ``torchrun ... _rel_rank_death.py MARKER RANK EPOCH STEP -- TRAIN_TIMM_ARGS`` runs
-  ``tools/train_timm.py`` with rank ``RANK`` stalling before step ``STEP`` (1-based) of epoch ``EPOCH`` (1-based).
+  ``sd-plugin train-timm`` with rank ``RANK`` stalling before step ``STEP`` (1-based) of epoch ``EPOCH`` (1-based).
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
-"""Running the training tools from tests: in-process (fast) or under torchrun (DDP)."""
+"""Running the training commands (``sd-plugin train``, ``sd-plugin train-timm``) from tests: in-process (fast), as
+a subprocess, or under torchrun (DDP)."""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import socket
 import subprocess
@@ -15,6 +16,9 @@ from _rel_helpers import REPO, subprocess_env
 
 PYTHON = sys.executable
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+#: The command words, after ``python`` or ``torchrun ...``: ``-m sd_plugin train`` / ``-m sd_plugin train-timm``.
+TRAIN = ("-m", "sd_plugin", "train")
+TRAIN_TIMM = ("-m", "sd_plugin", "train-timm")
 
 
 def free_port() -> int:
@@ -24,16 +28,12 @@ def free_port() -> int:
 
 
 def load_tool(name: str) -> Any:
-    """Import ``tools/<name>.py`` as a module (tools/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"_tool_{name}", REPO / "tools" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The module of a training command: ``'train'`` (``sd-plugin train``) or ``'train_timm'`` (``train-timm``)."""
+    return importlib.import_module(f"sd_plugin.cli.{name}")
 
 
 def run_mm_inprocess(config: Path, *args: str, name: str) -> None:
-    """``tools/train.py CONFIG ARGS`` in this process, with a unique experiment name (mmengine singletons)."""
+    """``sd-plugin train CONFIG ARGS`` in this process, with a unique experiment name (mmengine singletons)."""
     deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: threads only fight over the shared cores
     try:
@@ -54,10 +54,9 @@ def run_cmd(cmd: Sequence[str], timeout: int = 300, check: bool = True) -> subpr
     return proc
 
 
-def torchrun(
-    script: str, *args: str, nproc: int = 2, timeout: int = 300, check: bool = True
-) -> subprocess.CompletedProcess:
-    cmd = [TORCHRUN, f"--nproc_per_node={nproc}", f"--master_port={free_port()}", script, *args]
+def torchrun(*args: str, nproc: int = 2, timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
+    """``torchrun ... ARGS``: a script and its arguments, or ``*TRAIN`` / ``*TRAIN_TIMM`` and theirs."""
+    cmd = [TORCHRUN, f"--nproc_per_node={nproc}", f"--master_port={free_port()}", *args]
     return run_cmd(cmd, timeout=timeout, check=check)
 
 

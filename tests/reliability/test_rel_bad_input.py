@@ -239,7 +239,7 @@ def test_B18_resume_from_a_plain_checkpoint_timm(tmp_path, timm_model):
     data = make_image_folder(tmp_path / "d" / "train")
     make_image_folder(tmp_path / "d" / "val", per_class=2)
     args = [str(data.parent), *TIMM_ARGS, "--output", str(tmp_path / "out"), "--resume", str(tmp_path / "plain.pth")]
-    with raises_documented("B18", ValueError, match=r"not a checkpoint of tools/train_timm.py.*--initial-checkpoint"):
+    with raises_documented("B18", ValueError, match=r"not a checkpoint of sd-plugin train-timm.*--initial-checkpoint"):
         load_tool("train_timm").main(args)
 
 
@@ -326,7 +326,7 @@ def test_B24_resume_from_a_truncated_checkpoint_mmpretrain(tmp_path):
 
 # Rows whose mistake raises nothing on purpose (what the user sees is checked by the row's tests).
 NOT_RAISING = {
-    "B25": "tools/train.py fixes the config (persistent_workers=False)",
+    "B25": "sd-plugin train fixes the config (persistent_workers=False)",
     "B26": "the atomic writers keep the previous checkpoint",
 }
 

@@ -1,9 +1,9 @@
-"""``tools/train.py`` ends cleanly: exit code 0 after a finished 2-rank run, every time; SIGTERM stops it cleanly.
+"""``sd-plugin train`` ends cleanly: exit code 0 after a finished 2-rank run, every time; SIGTERM stops it cleanly.
 
 Cause of the old failure: the gloo process group was never destroyed, so the interpreter tore it down during
 its own finalisation while gloo's C++ worker threads still held work objects; on some runs rank 0 then died in
 ``std::terminate`` ("terminate called without an active exception", exit code -6) after training and
-validation had finished, and torchrun reported the job failed. ``tools.train.clean_shutdown`` stops the
+validation had finished, and torchrun reported the job failed. ``sd_plugin.cli.train.clean_shutdown`` stops the
 data-loader workers, waits for every rank (barrier) and destroys the group before the interpreter exits.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from _rel_helpers import REPO, augmented_epoch_config, make_image_folder, sd_resnet, subprocess_env, write_config
-from _rel_run import PYTHON, torchrun
+from _rel_run import PYTHON, TRAIN, torchrun
 
 pytestmark = pytest.mark.mmpretrain
 
@@ -31,9 +31,7 @@ def test_two_rank_cpu_run_exits_0_ten_times_in_a_row(tmp_path):
     failures = []
     for i in range(RUNS):
         cfg = augmented_epoch_config(data, tmp_path / f"wd{i}", model=sd_resnet(), max_epochs=1, num_workers=2)
-        proc = torchrun(
-            "tools/train.py", str(write_config(cfg, tmp_path / f"c{i}.py")), "--launcher", "pytorch", check=False
-        )
+        proc = torchrun(*TRAIN, str(write_config(cfg, tmp_path / f"c{i}.py")), "--launcher", "pytorch", check=False)
         if proc.returncode != 0 or "terminate called" in proc.stderr:
             failures.append((i, proc.returncode, proc.stderr[-2000:]))
         assert (tmp_path / f"wd{i}" / "epoch_1.pth").is_file()
@@ -51,7 +49,7 @@ def test_sigterm_stops_training_and_its_workers(tmp_path):
     data = make_image_folder(tmp_path / "data", num_classes=2, per_class=8)
     cfg = augmented_epoch_config(data, tmp_path / "wd", model=sd_resnet(), max_epochs=1000, num_workers=2)
     proc = subprocess.Popen(
-        [PYTHON, "tools/train.py", str(write_config(cfg, tmp_path / "c.py"))],
+        [PYTHON, *TRAIN, str(write_config(cfg, tmp_path / "c.py"))],
         cwd=REPO,
         env=subprocess_env(),
         stdout=subprocess.DEVNULL,

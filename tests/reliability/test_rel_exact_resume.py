@@ -1,8 +1,8 @@
 """Exact resume as users train: shuffling, random augmentation, two data-loader workers, validation every epoch.
 
 N epochs in one go == N-1 epochs, a crash, ``--resume``, the last epoch: bitwise-equal weights and momentum,
-on both routes. MMPretrain: ``tools/train.py`` (``RNGStateHook`` on by default; persistent workers, as
-MMPretrain's script sets them). timm: ``tools/train_timm.py`` (timm's training transform and Mixup).
+on both routes. MMPretrain: ``sd-plugin train`` (``RNGStateHook`` on by default; persistent workers, as
+MMPretrain's script sets them). timm: ``sd-plugin train-timm`` (timm's training transform and Mixup).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 mmengine 0.10.7's ``FSDPStrategy`` cannot resume on torch 2.14 (``optim_state_dict_to_load`` gets its arguments
 in torch 2.0's order: ``TypeError: unhashable type: 'dict'``); ``ResumableFSDPStrategy``
 (``sd_plugin.mmpretrain_adapter.fsdp_strategy``) makes that one call with keyword arguments. On 2 CPU ranks (gloo,
-``device_id='cpu'``) through ``tools/train.py``: 2 epochs straight == 1 epoch, a crash, ``--resume``, 1 epoch,
+``device_id='cpu'``) through ``sd-plugin train``: 2 epochs straight == 1 epoch, a crash, ``--resume``, 1 epoch,
 bitwise (each rank's parameter shards, momentum shards, per-iteration losses and learning rates).
 """
 
@@ -16,7 +16,7 @@ from typing import Any, Dict
 import pytest
 import torch
 from _rel_helpers import make_image_folder, mm_config, write_config
-from _rel_run import load_tool, torchrun
+from _rel_run import TRAIN, load_tool, torchrun
 from mmengine._strategy import FSDPStrategy
 from mmengine.registry import STRATEGIES
 
@@ -87,7 +87,7 @@ def _probe(work_dir: Path, rank: int) -> Dict[str, Any]:
 
 
 def _train(config: Path, *args: str, check: bool = True) -> Any:
-    return torchrun("tools/train.py", str(config), "--launcher", "pytorch", *args, nproc=WORLD, check=check)
+    return torchrun(*TRAIN, str(config), "--launcher", "pytorch", *args, nproc=WORLD, check=check)
 
 
 @pytest.mark.slow

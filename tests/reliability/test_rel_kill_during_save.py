@@ -25,7 +25,7 @@ from _rel_helpers import (
     subprocess_env,
     write_config,
 )
-from _rel_run import PYTHON, load_tool, max_abs_diff, probe, run_cmd, run_mm_inprocess
+from _rel_run import PYTHON, TRAIN, TRAIN_TIMM, load_tool, max_abs_diff, probe, run_cmd, run_mm_inprocess
 
 from sd_plugin._io import atomic_save, check_checkpoint_file
 from sd_plugin._safe_globals import load_checkpoint_file
@@ -67,7 +67,7 @@ def test_sigkill_while_saving_keeps_the_last_checkpoint_and_resume_loses_nothing
     marker = tmp_path / "stalled"
     killed = mm_config(work_dir=tmp_path / "part", **common)
     killed["custom_hooks"].append(dict(type="StallDuringSaveHook", at_iter=4, marker=str(marker)))
-    _kill_when_stalled([PYTHON, "tools/train.py", str(write_config(killed, tmp_path / "killed.py"))], marker)
+    _kill_when_stalled([PYTHON, *TRAIN, str(write_config(killed, tmp_path / "killed.py"))], marker)
 
     part = tmp_path / "part"
     assert _all_checkpoints_complete(part) == ["iter_2.pth"]  # no cut-short iter_4.pth
@@ -76,7 +76,7 @@ def test_sigkill_while_saving_keeps_the_last_checkpoint_and_resume_loses_nothing
     load_checkpoint_file(part / "iter_2.pth")
 
     resumed = write_config(mm_config(work_dir=part, **common), tmp_path / "resumed.py")
-    run_cmd([PYTHON, "tools/train.py", str(resumed), "--resume"])
+    run_cmd([PYTHON, *TRAIN, str(resumed), "--resume"])
     a, b = probe(tmp_path / "full"), probe(part)
     assert [r["iter"] for r in b["records"]] == [2, 3]
     assert max_abs_diff(a["params"], b["params"]) == 0.0
@@ -90,7 +90,7 @@ def test_sigkill_while_saving_keeps_the_last_checkpoint_and_resume_loses_nothing
     make_image_folder(data / "val", num_classes=2, per_class=2, seed=1)
     args = ["--model", "test_resnet", "--img-size", "32", "-b", "4", "--workers", "0", "--no-progress", "--epochs", "2"]
     here = Path(__file__).resolve().parent
-    run_cmd([PYTHON, "tools/train_timm.py", str(data), *args, "--output", str(tmp_path / "full")])
+    run_cmd([PYTHON, *TRAIN_TIMM, str(data), *args, "--output", str(tmp_path / "full")])
 
     marker, part = tmp_path / "stalled", tmp_path / "part"
     cmd = [PYTHON, str(here / "_rel_kill_timm.py"), str(marker), "2", "--", str(data), *args, "--output", str(part)]
@@ -102,7 +102,7 @@ def test_sigkill_while_saving_keeps_the_last_checkpoint_and_resume_loses_nothing
     run_cmd(
         [
             PYTHON,
-            "tools/train_timm.py",
+            *TRAIN_TIMM,
             str(data),
             *args,
             "--output",
@@ -154,7 +154,7 @@ def test_damaged_checkpoint_is_named_timm(tmp_path, how):
     (tmp_path / "model_plain.pth").write_bytes((tmp_path / "checkpoint-last.pth").read_bytes()[:0])  # not a resume file
     atomic_save({"w": torch.zeros(3)}, tmp_path / "exits.pth")  # intact, but not a checkpoint to resume from
     with pytest.raises(ValueError, match=r"--resume '.*checkpoint-last.pth'.*(truncated|damaged).*no other intact"):
-        tool._load_resume_checkpoint(str(tmp_path / "checkpoint-last.pth"))
+        tool.load_resume_checkpoint(str(tmp_path / "checkpoint-last.pth"))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""MMPretrain route through ``tools/train.py``: CPU DDP, bfloat16 autocast, resume, old plain checkpoints.
+"""MMPretrain route through ``sd-plugin train``: CPU DDP, bfloat16 autocast, resume, old plain checkpoints.
 
 The model is a ResNet-18 layout with 8 base channels on 32 px images, either a plain ``ImageClassifier`` or
 the same config with ``type='SelfDistillClassifier'`` (two exits' worth of extra parameters and loss terms).
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from _rel_helpers import make_image_folder, mm_config, raises_documented, sd_resnet, tiny_resnet, write_config
-from _rel_run import load_tool, losses_of, max_abs_diff, probe, run_mm_inprocess, torchrun
+from _rel_run import TRAIN, load_tool, losses_of, max_abs_diff, probe, run_mm_inprocess, torchrun
 
 pytestmark = pytest.mark.mmpretrain
 
@@ -49,7 +49,7 @@ def test_cpu_ddp_matches_single_process_over_the_same_global_batch(tmp_path, dat
         **common,
     )
     no_sched = "param_scheduler=None"
-    torchrun("tools/train.py", str(ddp_cfg), "--launcher", "pytorch", "--cfg-options", no_sched)
+    torchrun(*TRAIN, str(ddp_cfg), "--launcher", "pytorch", "--cfg-options", no_sched)
     run_mm_inprocess(ref_cfg, "--cfg-options", no_sched, name=f"ref_{kind}")
     rank0, rank1, ref = probe(tmp_path / "ddp", 0), probe(tmp_path / "ddp", 1), probe(tmp_path / "ref")
 
@@ -125,10 +125,10 @@ def test_ddp_resume_gives_the_weights_of_an_uninterrupted_ddp_run(tmp_path, data
     full = _write(tmp_path, "full", **common)
     crashing = write_config(mm_config(work_dir=tmp_path / "part", crash_after=2, **common), tmp_path / "crash.py")
     resumed = _write(tmp_path, "part", **common)
-    torchrun("tools/train.py", str(full), "--launcher", "pytorch")
-    crash = torchrun("tools/train.py", str(crashing), "--launcher", "pytorch", check=False)
+    torchrun(*TRAIN, str(full), "--launcher", "pytorch")
+    crash = torchrun(*TRAIN, str(crashing), "--launcher", "pytorch", check=False)
     assert crash.returncode != 0 and "simulated crash after iteration 2" in crash.stderr + crash.stdout
-    torchrun("tools/train.py", str(resumed), "--launcher", "pytorch", "--resume")
+    torchrun(*TRAIN, str(resumed), "--launcher", "pytorch", "--resume")
     for rank in (0, 1):
         a, b = probe(tmp_path / "full", rank), probe(tmp_path / "part", rank)
         assert [r["iter"] for r in b["records"]] == [2, 3]

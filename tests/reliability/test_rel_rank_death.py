@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 import pytest
 import torch
 from _rel_helpers import REPO, augmented_epoch_config, make_image_folder, sd_resnet, subprocess_env, write_config
-from _rel_run import TORCHRUN, free_port, max_abs_diff, probe, torchrun
+from _rel_run import TORCHRUN, TRAIN, TRAIN_TIMM, free_port, max_abs_diff, probe, torchrun
 
 WORLD = 2
 EPOCHS = 2
@@ -103,18 +103,18 @@ def _mm_config(data: Path, work_dir: Path, **stall: Any) -> Dict[str, Any]:
 def test_mm_sigkill_of_a_rank_ends_the_job_and_resume_is_exact(tmp_path):
     data = make_image_folder(tmp_path / "data", num_classes=2, per_class=8)
     full = write_config(_mm_config(data, tmp_path / "full"), tmp_path / "full.py")
-    torchrun("tools/train.py", str(full), "--launcher", "pytorch", nproc=WORLD)
+    torchrun(*TRAIN, str(full), "--launcher", "pytorch", nproc=WORLD)
 
     marker = tmp_path / "stalled"
     stall = dict(rank=1, at_iter=STEPS_PER_EPOCH + 1, marker=str(marker))  # the 2nd step of epoch 2
     killed = write_config(_mm_config(data, tmp_path / "part", **stall), tmp_path / "killed.py")
-    cmd = _torchrun_cmd("tools/train.py", str(killed), "--launcher", "pytorch")
+    cmd = _torchrun_cmd(*TRAIN, str(killed), "--launcher", "pytorch")
     _kill_stalled_rank(cmd, marker, tmp_path / "killed.log")
     part = tmp_path / "part"
     assert (part / "epoch_1.pth").is_file() and not (part / "epoch_2.pth").exists()
 
     resume = write_config(_mm_config(data, part), tmp_path / "resume.py")
-    torchrun("tools/train.py", str(resume), "--launcher", "pytorch", "--resume", nproc=WORLD)
+    torchrun(*TRAIN, str(resume), "--launcher", "pytorch", "--resume", nproc=WORLD)
     a, b = probe(tmp_path / "full"), probe(part)
     assert [r["iter"] for r in b["records"]] == [2, 3]  # epoch 2 again, from the checkpoint of epoch 1
     assert [r["loss"] for r in b["records"]] == [r["loss"] for r in a["records"][STEPS_PER_EPOCH:]]
@@ -128,7 +128,7 @@ def test_mm_hung_rank_ends_the_job_after_the_collective_timeout(tmp_path):
     marker = tmp_path / "stalled"
     cfg = _mm_config(data, tmp_path / "wd", rank=1, at_iter=STEPS_PER_EPOCH + 1, marker=str(marker))
     cfg["env_cfg"]["dist_cfg"] = dict(timeout=HANG_TIMEOUT_S)
-    cmd = _torchrun_cmd("tools/train.py", str(write_config(cfg, tmp_path / "c.py")), "--launcher", "pytorch")
+    cmd = _torchrun_cmd(*TRAIN, str(write_config(cfg, tmp_path / "c.py")), "--launcher", "pytorch")
     log = tmp_path / "hung.log"
     proc, _, _ = _launch_until_stalled(cmd, marker, log)
     _wait(proc, HANG_EXIT_LIMIT_S, log)
@@ -156,7 +156,7 @@ def _stalling_timm(marker: Path, rank: int, data: Path, out: Path, *extra: str) 
 @pytest.mark.timm
 def test_timm_sigkill_of_a_rank_ends_the_job_and_resume_is_exact(tmp_path):
     data = _timm_data(tmp_path / "data")
-    torchrun("tools/train_timm.py", str(data), *TIMM, "--output", str(tmp_path / "full"), nproc=WORLD)
+    torchrun(*TRAIN_TIMM, str(data), *TIMM, "--output", str(tmp_path / "full"), nproc=WORLD)
 
     marker = tmp_path / "stalled"
     part = tmp_path / "part"
@@ -165,7 +165,7 @@ def test_timm_sigkill_of_a_rank_ends_the_job_and_resume_is_exact(tmp_path):
     assert ckpt["epoch"] == 1
 
     resume = ["--resume", str(part / "checkpoint-last.pth")]
-    torchrun("tools/train_timm.py", str(data), *TIMM, "--output", str(part), *resume, nproc=WORLD)
+    torchrun(*TRAIN_TIMM, str(data), *TIMM, "--output", str(part), *resume, nproc=WORLD)
     load = lambda d: torch.load(d / "checkpoint-last.pth", map_location="cpu", weights_only=False)  # noqa: E731
     full, resumed = load(tmp_path / "full"), load(part)
     assert resumed["epoch"] == full["epoch"] == EPOCHS

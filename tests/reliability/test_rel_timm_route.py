@@ -1,4 +1,4 @@
-"""timm route through ``tools/train_timm.py``: resume, bfloat16 autocast, plain checkpoints, torchrun DDP.
+"""timm route through ``sd-plugin train-timm``: resume, bfloat16 autocast, plain checkpoints, torchrun DDP.
 
 Model: timm's ``test_resnet`` (4 stages, 3 exits) on 32 px images, 16 training images, batch 4.
 """
@@ -13,7 +13,7 @@ from typing import Any, Dict, List
 import pytest
 import torch
 from _rel_helpers import SimulatedCrash, make_image_folder
-from _rel_run import PYTHON, load_tool, max_abs_diff, run_cmd, torchrun
+from _rel_run import PYTHON, TRAIN_TIMM, load_tool, max_abs_diff, run_cmd, torchrun
 
 pytestmark = pytest.mark.timm
 
@@ -29,7 +29,7 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _train(data: Path, out: Path, *args: str, tool: Any = None) -> None:
-    """``tools/train_timm.py`` in this process, on one thread (a fixed float summation order, so runs compare)."""
+    """``sd-plugin train-timm`` in this process, on one thread (a fixed float summation order, so runs compare)."""
     tool = tool or load_tool("train_timm")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -114,9 +114,7 @@ def test_plain_timm_checkpoint_starts_the_exits_fresh_and_says_so(tmp_path, data
 @pytest.mark.slow
 def test_torchrun_ddp_on_cpu_with_amp(tmp_path, data_root):
     """2 gloo ranks, DDP without find_unused_parameters, bfloat16 autocast: the epoch completes, finite loss."""
-    proc = torchrun(
-        "tools/train_timm.py", str(data_root), *BASE, "--epochs", "1", "--amp", "--output", str(tmp_path / "ddp")
-    )
+    proc = torchrun(*TRAIN_TIMM, str(data_root), *BASE, "--epochs", "1", "--amp", "--output", str(tmp_path / "ddp"))
     assert "world size 2" in proc.stdout
     (epoch,) = _summary(tmp_path / "ddp")
     assert epoch["steps"] == 16 // (2 * 4) and math.isfinite(epoch["loss"])

@@ -1,4 +1,4 @@
-"""``tools/train.py`` and ``sd_plugin._dist``: on GPUs the config is MMPretrain's; on CPU the fixes kick in."""
+"""``sd-plugin train`` and ``sd_plugin._dist``: on GPUs the config is MMPretrain's; on CPU the fixes kick in."""
 
 from __future__ import annotations
 

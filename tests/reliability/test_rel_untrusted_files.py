@@ -57,17 +57,17 @@ def test_the_crafted_file_does_run_code_when_unpickled(tmp_path, marker):
 
 def test_train_timm_resume_loader_refuses_a_crafted_checkpoint(tmp_path, marker):
     pytest.importorskip("timm")
-    from tools.train_timm import _load_resume_checkpoint
+    from sd_plugin.timm_adapter._train_utils import load_resume_checkpoint
 
     path = _crafted(tmp_path / "checkpoint-last.pth", marker, epoch=1, state_dict={}, optimizer={}, scheduler={})
     with raises_documented("B31", ValueError, match="--resume") as err:
-        _load_resume_checkpoint(str(path))
+        load_resume_checkpoint(str(path))
     _refused(err, path, marker)
 
 
 def test_train_timm_initial_checkpoint_refuses_a_crafted_file(tmp_path, marker):
     pytest.importorskip("timm")
-    from tools.train_timm import create_model
+    from sd_plugin.timm_adapter._train_utils import create_model
 
     path = _crafted(tmp_path / "weights.pth", marker, state_dict={})
     args = argparse.Namespace(model="test_resnet", pretrained=False, initial_checkpoint=str(path), img_size=32)
@@ -82,7 +82,7 @@ def test_train_timm_cli_resume_refuses_a_crafted_checkpoint(tmp_path, marker):
     pytest.importorskip("timm")
     path = _crafted(tmp_path / "checkpoint-last.pth", marker, epoch=1, state_dict={}, optimizer={}, scheduler={})
     cmd = [
-        sys.executable, str(ROOT / "tools" / "train_timm.py"), str(DATA), "--model", "test_resnet",
+        sys.executable, "-m", "sd_plugin", "train-timm", str(DATA), "--model", "test_resnet",
         "--img-size", "32", "--epochs", "1", "-b", "16", "--max-train-samples", "32", "--max-val-samples", "16",
         "--workers", "0", "--no-progress", "--output", str(tmp_path / "out"), "--resume", str(path),
     ]  # fmt: skip

@@ -148,7 +148,7 @@ def test_no_classifier_no_exit_set(tmp_path: Path) -> None:
 
 
 def test_train_timm_writes_the_config_beside_exits_pth(tmp_path: Path) -> None:
-    from tools import train_timm
+    from sd_plugin.cli import train_timm
 
     sd_model = _trained(_model(), **OPTIONS)
     optimizer = torch.optim.SGD(sd_model.parameters(), lr=0.1)

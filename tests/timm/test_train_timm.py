@@ -1,4 +1,4 @@
-"""tools/train_timm.py end to end on a CIFAR-10 subset (slow: a real, if tiny, training run)."""
+"""``sd-plugin train-timm`` end to end on a CIFAR-10 subset (slow: a real, if tiny, training run)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.timm, pytest.mark.slow]
 
 def _train(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
     cmd = [
-        sys.executable, str(ROOT / "tools" / "train_timm.py"), str(DATA), "--model", "test_resnet",
+        sys.executable, "-m", "sd_plugin", "train-timm", str(DATA), "--model", "test_resnet",
         "--img-size", "32", "--epochs", "1", "-b", "32", "--max-train-samples", "128", "--max-val-samples", "64",
         "--workers", "0", "--no-progress", "--output", str(tmp_path), *extra,
     ]  # fmt: skip

@@ -1,4 +1,4 @@
-"""tools/train_timm.py fine-tunes a wrapped ViT-Ti with timm's layer decay and gradient checkpointing (slow)."""
+"""``sd-plugin train-timm`` fine-tunes a wrapped ViT-Ti with timm's layer decay and gradient checkpointing (slow)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ timm = pytest.importorskip("timm")
 
 from timm.models import vision_transformer  # noqa: E402
 
-from tools import train_timm  # noqa: E402
+from sd_plugin.cli import train_timm  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "demo_data" / "cifar10_mini"

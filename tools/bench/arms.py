@@ -1,31 +1,14 @@
-"""Benchmark arms: names such as ``ce``, ``ls``, ``byot``, ``byot+ls``, ``pskd``, ``cskd+ls``, ``byot+zipf`` and what
-they train.
+"""Benchmark arms: ``+``-joined components such as ``ce``, ``ls``, ``byot``, ``byot+ls``, ``cskd+ls``, ``byot+zipf``.
 
-An arm is ``+``-joined components: ``ce`` (plain cross-entropy, alone), ``ls``
-(label smoothing 0.1 on every label loss), ``byot`` (exits with sd_plugin's
-defaults), ``byotrms`` (exits with the hint that reproduces BYOT's at batch 128:
-``hint_form='rms', hint_weight=0.34``), ``pskd`` (PS-KD, a_T = 0.8), ``cskd`` (CS-KD, weight 1, T = 4,
-class-pair sampler), ``tfkd`` (Tf-KD-reg, weight 0.1, T = 20), ``zipf`` (Zipf's LS, the authors' weight 0.1 and
-power 1, classes ranked by the deepest logits), ``mixup`` and ``cutmix`` (the framework's own
-batch augments: MMPretrain ``train_cfg.augments``, timm ``Mixup``; alpha 1.0, applied to every batch, soft-target
-cross-entropy). Methods without ``byot`` run on the same model with no exits.
+``ce`` (plain cross-entropy) stands alone; ``ls`` smooths every label loss by 0.1; ``byot`` adds exits (``byotrms``:
+BYOT's hint at batch 128); the methods take their published defaults (:data:`COMPONENTS`); ``mixup`` and ``cutmix`` are
+the framework's own batch augments. Methods without ``byot`` run on the same model with no exits.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Sequence
-
-__all__ = [
-    "BASELINE_ARM",
-    "ArmRecipe",
-    "parse_arm",
-    "parse_arms",
-    "COMPONENTS",
-    "LEGACY_NAMES",
-    "LABEL_SMOOTHING",
-    "MIX_ALPHA",
-]
 
 LABEL_SMOOTHING = 0.1
 #: Beta(alpha, alpha) mixing of Mixup and CutMix: 1.0 as in the CutMix paper's CIFAR runs and Self-KD-Lib's table.
@@ -47,8 +30,6 @@ COMPONENTS: Dict[str, Dict[str, Any]] = {
     "mixup": {},
     "cutmix": {},
 }
-#: Names of the two-arm benchmark before ``--arms`` existed.
-LEGACY_NAMES = {"plain": "ce", "sd": "byot"}
 
 
 @dataclass(frozen=True)
@@ -71,10 +52,9 @@ class ArmRecipe:
 
 def parse_arm(name: str) -> ArmRecipe:
     """The recipe of an arm name (see the module docstring)."""
-    canonical = LEGACY_NAMES.get(name, name)
-    parts = canonical.split("+")
+    parts = name.split("+")
     unknown = [p for p in parts if p not in COMPONENTS]
-    if unknown or len(set(parts)) != len(parts) or not parts:
+    if unknown or len(set(parts)) != len(parts):
         raise ValueError(
             f"arm {name!r}: expected '+'-joined components from {sorted(COMPONENTS)} without repeats "
             f"(e.g. byot+ls), got unknown {unknown}."
@@ -86,14 +66,12 @@ def parse_arm(name: str) -> ArmRecipe:
     augments = [p for p in parts if p in BATCH_AUGMENTS]
     if len(augments) > 1:
         raise ValueError(f"arm {name!r}: choose one batch augment of {BATCH_AUGMENTS}.")
-    options: Dict[str, Any] = {}
-    for p in parts:
-        options.update(COMPONENTS[p])
+    options: Dict[str, Any] = {k: v for p in parts for k, v in COMPONENTS[p].items()}
     exits = "byot" in parts or "byotrms" in parts
     if not exits and options:
         options["exit_indices"] = []
     return ArmRecipe(
-        name=canonical,
+        name=name,
         exits=exits,
         label_smoothing=LABEL_SMOOTHING if "ls" in parts else 0.0,
         options=options,
@@ -104,9 +82,7 @@ def parse_arm(name: str) -> ArmRecipe:
 
 
 def parse_arms(names: Sequence[str]) -> List[ArmRecipe]:
-    """Recipes of ``names`` (canonical, no duplicates)."""
-    recipes = [parse_arm(n) for n in names]
-    seen = [r.name for r in recipes]
-    if len(set(seen)) != len(seen):
-        raise ValueError(f"--arms has duplicates: {seen}.")
-    return recipes
+    """Recipes of ``names`` (no duplicates)."""
+    if len(set(names)) != len(names):
+        raise ValueError(f"--arms has duplicates: {list(names)}.")
+    return [parse_arm(n) for n in names]

@@ -1,25 +1,6 @@
-"""Training and inference cost of self-distillation, measured side by side with the plain model.
-
-Method (route-agnostic; the routes build the arms):
-
-* **Step time**: both arms live in one process and take training steps on the
-  *same* batches, alternating in ABBA order (plain, sd, sd, plain, ...) so that
-  neither arm systematically runs first; after warm-up, the median of each
-  arm's step times and the median of the per-pair ratios are reported.
-* **Peak memory**: each arm runs in a fresh spawned process. After importing
-  torch and receiving the batches, the kernel's peak-RSS mark is reset
-  (``/proc/self/clear_refs``) and the RSS read; after building the model and
-  optimiser and ``steps`` training steps the peak RSS (``VmHWM``) is read. The
-  growth is that arm's training memory (weights, gradients, optimiser state,
-  activations, allocator overhead). Without ``/proc``: ``ru_maxrss`` growth.
-  Repeated, median taken.
-* **FLOPs**: mmengine's jit-based ``FlopAnalyzer`` (fvcore convention, one
-  multiply-add = 1 FLOP) on the plain model's forward, and on every exit's
-  forward from its tapped feature (the :class:`~sd_plugin.core.MultiExitModel`
-  protocol). Training forward of model + exits over model alone is the floor
-  that any implementation of that exit design pays.
-* **Inference**: eval mode, deepest prediction (exits unused) against the plain
-  model on the same batches, interleaved, medians.
+"""Training and inference cost of self-distillation against the plain model (route-agnostic: the routes build arms):
+step time and inference latency interleaved in one process, peak memory in fresh processes, and FLOPs of the plain
+forward and of every exit from its tapped feature (the floor any implementation of the exits pays).
 """
 
 from __future__ import annotations
@@ -28,8 +9,8 @@ import functools
 import gc
 import importlib
 import multiprocessing as mp
+import operator
 import resource
-import statistics
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,44 +22,30 @@ import torch.nn as nn
 from sd_plugin.deploy import _timing
 from sd_plugin.deploy.flops import count_call_flops
 
-__all__ = ["TrainArm", "interleaved_times", "probe_peak_memory", "exit_flops", "flops_of", "summarise_pairs"]
-
 
 @dataclass
 class TrainArm:
-    """One arm of the benchmark, ready to run.
-
-    Attributes:
-        name: The arm's name (``tools.bench.arms``).
-        model: The model (the self-distillation arm's implements ``MultiExitModel``).
-        step: One optimisation step (forward, loss, backward, optimiser) on a batch.
-        infer: Eval-mode prediction on a batch (deepest classifier, exits unused).
-        optimizer: The optimiser (an mmengine ``OptimWrapper`` on the MMPretrain route), for profiling.
-    """
+    """One arm, ready to run: ``step`` is one optimisation step on a batch, ``infer`` the eval-mode prediction of the
+    deepest classifier (exits unused); ``inputs(batch)`` is what the backbone sees and ``forward`` maps it to the
+    deepest logits (FLOPs). A self-distillation arm's ``model`` implements ``MultiExitModel``."""
 
     name: str
     model: nn.Module
     step: Callable[[Any], object]
     infer: Callable[[Any], object]
-    optimizer: Any = None
+    inputs: Callable[[Any], torch.Tensor] = operator.itemgetter(0)  # (images, labels) batches
+    forward: Optional[Callable[[torch.Tensor], Any]] = None  # None: the model itself
+
+    def __post_init__(self) -> None:
+        if self.forward is None:
+            self.forward = self.model
 
 
 def interleaved_times(
-    arms: Sequence[TrainArm],
-    batches: Sequence[Any],
-    rounds: int,
-    warmup: int,
-    mode: str,
+    arms: Sequence[TrainArm], batches: Sequence[Any], rounds: int, warmup: int, mode: str
 ) -> Dict[str, List[float]]:
-    """Seconds per call of every arm, alternating arms in ABBA order on identical batches (sd_plugin's timer).
-
-    Args:
-        arms: The arms to compare (usually plain and sd).
-        batches: Batches cycled through; each round feeds the same batch to every arm.
-        rounds: Measured rounds (one call per arm each).
-        warmup: Unmeasured rounds first.
-        mode: 'train' (``arm.step``, model in train mode) or 'infer' (``arm.infer``, eval mode, no grad).
-    """
+    """Seconds per call of every arm, in ABBA order on the same batch each round (sd_plugin's timer), ``rounds``
+    after ``warmup``: ``mode`` 'train' calls ``arm.step`` in train mode, 'infer' ``arm.infer`` in eval mode, no grad."""
     if mode not in ("train", "infer"):
         raise ValueError(f"mode must be 'train' or 'infer', got {mode!r}.")
     if not batches:
@@ -91,20 +58,8 @@ def interleaved_times(
         return _timing.interleaved_times(fns, rounds, warmup)
 
 
-def summarise_pairs(times: Dict[str, List[float]], num: str = "sd", den: str = "plain") -> Dict[str, float]:
-    """Medians of both arms, their ratio, and the median of the per-round ratios."""
-    a, b = times[num], times[den]
-    if len(a) != len(b) or not a:
-        raise ValueError(f"need the same, non-zero number of timings for {num!r} and {den!r}.")
-    return {
-        f"{den}_median_s": statistics.median(b),
-        f"{num}_median_s": statistics.median(a),
-        "ratio_of_medians": statistics.median(a) / statistics.median(b),
-        "median_pair_ratio": statistics.median(x / y for x, y in zip(a, b)),
-    }
-
-
-def _proc_status_mib(field: str) -> Optional[float]:
+def proc_status_mib(field: str) -> Optional[float]:
+    """A memory field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in MiB; None where there is none (not Linux)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith(field + ":"):
@@ -114,22 +69,16 @@ def _proc_status_mib(field: str) -> Optional[float]:
     return None
 
 
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark (``VmHWM``) of this process to its current RSS (Linux >= 4.0)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
-
-
 def _memory_child(route: str, spec: Dict[str, Any], arm: str, num_batches: int, steps: int) -> Dict[str, Any]:
     module = importlib.import_module(route)
     batches = module.sample_batches(spec, num_batches)
     gc.collect()
-    exact = _reset_peak_rss()
-    rss = _proc_status_mib("VmRSS")
-    if exact and rss is not None:
+    try:  # reset the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux >= 4.0)
+        Path("/proc/self/clear_refs").write_text("5")
+        rss = proc_status_mib("VmRSS")
+    except OSError:
+        rss = None
+    if rss is not None:
         before, method = rss, "VmHWM after reset (/proc/self/clear_refs) minus VmRSS before the build"
     else:
         before, method = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, "ru_maxrss growth"
@@ -137,45 +86,28 @@ def _memory_child(route: str, spec: Dict[str, Any], arm: str, num_batches: int, 
     train_arm.model.train()
     for i in range(steps):
         train_arm.step(batches[i % len(batches)])
-    peak = _proc_status_mib("VmHWM") if exact else None
+    peak = proc_status_mib("VmHWM") if rss is not None else None
     if peak is None:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
     return {"mib": peak - before, "method": method}
 
 
-def probe_peak_memory(
-    route: str,
-    spec: Dict[str, Any],
-    arm: str,
-    num_batches: int = 2,
-    steps: int = 3,
-) -> Dict[str, Any]:
-    """Peak-RSS growth (MiB) of building ``arm`` and training it ``steps`` steps, in a fresh process.
+def probe_peak_memory(route: str, spec: Dict[str, Any], arm: str, num_batches: int = 2, steps: int = 3) -> Dict:
+    """Peak-RSS growth (MiB) of building ``arm`` and training it ``steps`` steps, in a fresh spawned process.
 
-    Returns ``{'mib': growth, 'method': how it was read}``: the peak-RSS mark is reset through
-    ``/proc/self/clear_refs`` right before the build where the kernel allows it (so imports and
-    unpickling do not mask the peak), else ``ru_maxrss`` growth is used.
-
-    Args:
-        route: Name of the route module (``tools.bench.mmpretrain_route`` or
-            ``tools.bench.timm_route``), importable in the child (it inherits ``sys.path``); its
-            ``sample_batches(spec, n)`` loads the batches (before the measurement starts) and
-            ``build_arm(spec, arm)`` builds the arm.
-        spec: Route specification of the arm.
-        arm: The arm's name.
-        num_batches: Batches loaded and cycled through.
-        steps: Training steps.
+    ``{'mib': growth, 'method': how it was read}``: the peak-RSS mark is reset through ``/proc/self/clear_refs`` right
+    before ``build_arm(spec, arm)`` of the ``route`` module where the kernel allows it, else ``ru_maxrss`` growth.
     """
     with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
         return dict(pool.submit(_memory_child, route, spec, arm, num_batches, steps).result())
 
 
-def flops_of(model: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> int:
-    """Forward FLOPs of ``forward(x)`` (eval mode, no grad), the whole batch (sd_plugin's FLOP counter)."""
+def _flops(model: nn.Module, fn: Callable[[torch.Tensor], Any], x: torch.Tensor) -> int:
+    """Forward FLOPs of ``fn(x)``, the whole batch, in eval mode without gradients (sd_plugin's FLOP counter)."""
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        total = count_call_flops(model, forward, x)[0]
+        total = count_call_flops(model, fn, x)[0]
     model.train(was_training)
     return int(total)
 
@@ -183,36 +115,33 @@ def flops_of(model: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor], 
 def exit_flops(
     plain: nn.Module, plain_forward: Callable[[torch.Tensor], torch.Tensor], sd: nn.Module, x: torch.Tensor
 ) -> Dict[str, Any]:
-    """Forward FLOPs of the plain model, of the sd model's deepest path, and of each exit.
-
-    Args:
-        plain: The plain model.
-        plain_forward: Its forward to logits (e.g. ``lambda x: model(x, mode='tensor')``).
-        sd: The self-distillation model (``MultiExitModel``).
-        x: A preprocessed input batch (N, 3, H, W); FLOPs are reported per image.
-    """
+    """Forward GFLOPs per image of the plain model (``plain_forward``: its forward to logits), of the deepest path of
+    ``sd`` (a ``MultiExitModel``) and of each exit, on the preprocessed batch ``x``; and the training-forward ratio."""
     from sd_plugin.core import MultiExitModel
     from sd_plugin.deploy.early_exit import forward_with_features
 
     if not isinstance(sd, MultiExitModel):
         raise TypeError(f"{type(sd).__name__} does not implement sd_plugin.core.MultiExitModel.")
     mx: Any = sd  # an nn.Module that implements MultiExitModel
-    was_training = (plain.training, sd.training)
-    plain.eval()
-    sd.eval()
-    n = x.shape[0]
+    was_training = sd.training
     with torch.no_grad():
-        plain_f = count_call_flops(plain, plain_forward, x)[0]
-        deepest_f = count_call_flops(sd, mx.forward_deepest, x)[0]
-        feats = forward_with_features(mx, x)[1]
-        per_exit = [count_call_flops(sd, functools.partial(mx.forward_exit, k), f)[0] for k, f in enumerate(feats)]
-    plain.train(was_training[0])
-    sd.train(was_training[1])
-    total = deepest_f + sum(per_exit)
+        feats = forward_with_features(mx.eval(), x)[1]
+    sd.train(was_training)
+    per_exit = [_flops(sd, functools.partial(mx.forward_exit, k), f) for k, f in enumerate(feats)]
+    plain_f, deepest_f, n = _flops(plain, plain_forward, x), _flops(sd, mx.forward_deepest, x), x.shape[0] * 1e9
     return {
-        "plain_gflops_per_image": plain_f / n / 1e9,
-        "sd_deepest_gflops_per_image": deepest_f / n / 1e9,
-        "exit_gflops_per_image": [f / n / 1e9 for f in per_exit],
-        "sd_train_forward_gflops_per_image": total / n / 1e9,
-        "flops_ratio": total / plain_f,
+        "plain_gflops_per_image": plain_f / n,
+        "sd_deepest_gflops_per_image": deepest_f / n,
+        "exit_gflops_per_image": [f / n for f in per_exit],
+        "sd_train_forward_gflops_per_image": (deepest_f + sum(per_exit)) / n,
+        "flops_ratio": (deepest_f + sum(per_exit)) / plain_f,
     }
+
+
+def flops_ratio(base: TrainArm, arm: TrainArm, x: torch.Tensor) -> float:
+    """Training-forward FLOPs of an arm (model and exits) over the plain model's, on the preprocessed batch ``x``."""
+    from sd_plugin.core import MultiExitModel
+
+    if isinstance(arm.model, MultiExitModel):
+        return float(exit_flops(base.model, base.forward, arm.model, x)["flops_ratio"])
+    return _flops(arm.model, arm.forward, x) / _flops(base.model, base.forward, x)

@@ -1,10 +1,5 @@
-"""Data set handling of the benchmark: locate CIFAR-10 (ImageFolder layout) and write fixed subsets.
-
-Both arms of every seed read the *same* subset files, so the only difference
-between the arms is self-distillation. A subset is stratified (the same number
-of images per class) and drawn with its own fixed seed, independent of the
-training seed.
-"""
+"""Data of the benchmark: locate CIFAR-10 (ImageFolder layout) and write fixed subsets that every arm and seed reads:
+stratified (the same number of images per class), drawn with their own fixed seed, not the training seed."""
 
 from __future__ import annotations
 
@@ -12,8 +7,6 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
-
-__all__ = ["DEFAULT_DATA_ROOT", "DataSplits", "check_data_root", "write_subsets"]
 
 DEFAULT_DATA_ROOT = Path("~/.cache/sd_plugin/cifar10").expanduser()
 _ARCHIVE_HINT = (
@@ -28,19 +21,8 @@ _EXTENSIONS = (".jpg", ".jpeg", ".png")
 
 @dataclass(frozen=True)
 class DataSplits:
-    """Annotation files (``relative/path.jpg label`` per line) of the train and test subsets.
-
-    Attributes:
-        root: The data root (holds ``train/`` and ``test/``).
-        classes: Class names, label ``i`` is ``classes[i]``.
-        train_ann: Annotation file of the train subset, paths relative to ``root/train``.
-        val_ann: Annotation file of the per-epoch validation subset (a fixed part of the test split, for the
-            training curves only; nothing is selected on it), paths relative to ``root/test``.
-        test_ann: Annotation file of the test subset (the reported top-1), paths relative to ``root/test``.
-        num_train: Images in the train subset.
-        num_val: Images in the validation subset.
-        num_test: Images in the test subset.
-    """
+    """Annotation files (``relative/path.jpg label``; label ``i`` is ``classes[i]``) and sizes of the subsets, paths
+    relative to ``root/train`` or ``root/test``; ``val_ann``: part of the test subset, for the per-epoch curves only."""
 
     root: Path
     classes: Tuple[str, ...]
@@ -53,15 +35,9 @@ class DataSplits:
 
     def read(self, subset: str) -> List[Tuple[Path, int]]:
         """``(absolute image path, label)`` of every image of ``subset`` ('train', 'val' or 'test')."""
-        anns = {"train": self.train_ann, "val": self.val_ann, "test": self.test_ann}
-        if subset not in anns:
-            raise ValueError(f"subset must be one of {sorted(anns)}, got {subset!r}.")
+        ann = {"train": self.train_ann, "val": self.val_ann, "test": self.test_ann}[subset]
         folder = self.root / ("train" if subset == "train" else "test")
-        out = []
-        for line in anns[subset].read_text().splitlines():
-            rel, label = line.rsplit(" ", 1)
-            out.append((folder / rel, int(label)))
-        return out
+        return [(folder / rel, int(label)) for rel, label in (ln.rsplit(" ", 1) for ln in ann.read_text().splitlines())]
 
 
 def _list_split(root: Path, split: str) -> Dict[str, List[str]]:
@@ -74,25 +50,13 @@ def _list_split(root: Path, split: str) -> Dict[str, List[str]]:
     return {c: sorted(f.name for f in (folder / c).iterdir() if f.suffix.lower() in _EXTENSIONS) for c in classes}
 
 
-def check_data_root(root: Path) -> Tuple[str, ...]:
-    """Class names of the data set at ``root``; raises with extraction instructions if it is missing."""
-    train = _list_split(root, "train")
-    test = _list_split(root, "test")
-    if sorted(train) != sorted(test):
-        raise ValueError(f"train and test of {root} have different class folders: {sorted(train)} vs {sorted(test)}.")
-    return tuple(sorted(train))
-
-
 def _stratified(files: Dict[str, List[str]], total: Optional[int], rng: random.Random) -> List[Tuple[str, int]]:
     classes = sorted(files)
-    available = sum(len(v) for v in files.values())
-    if total is None or total >= available:
-        picked = {c: files[c] for c in classes}
-    else:
+    picked = {c: files[c] for c in classes}
+    if total is not None and total < sum(len(v) for v in files.values()):
         if total < len(classes):
             raise ValueError(f"a subset of {total} images cannot hold all {len(classes)} classes; ask for more.")
         per_class, extra = divmod(total, len(classes))
-        picked = {}
         for i, c in enumerate(classes):
             want = per_class + (1 if i < extra else 0)
             if want > len(files[c]):
@@ -110,31 +74,20 @@ def write_subsets(
     subset_seed: int = 0,
     num_calib: int = 0,
 ) -> DataSplits:
-    """Write stratified train/val/test annotation files under ``out_dir`` (``None``: the whole split).
-
-    Args:
-        root: Data root with ``train/<class>/*.jpg`` and ``test/<class>/*.jpg``.
-        out_dir: Where the annotation files go.
-        num_train: Size of the train subset, or None for all of it.
-        num_test: Size of the test subset (reported top-1), or None for all of it.
-        num_val: Size of the per-epoch validation subset, drawn from the test subset (None: the test subset).
-        subset_seed: Seed of the draw (kept apart from the training seed).
-        num_calib: Also write ``calib_subset.txt``: a stratified draw of this many training images *not* in the
-            train subset (held out, for early-exit calibration and the calibrated ensemble: ``sd-plugin report
-            --calib-split train --calib-ann``); drawn last, so the other subsets do not depend on it.
-    """
+    """Write stratified train/val/test annotation files of ``root`` (``train/<class>/*.jpg``, ``test/...``) under
+    ``out_dir``; a size of None takes the whole split (``num_val``: the whole test subset, which it is drawn from).
+    ``num_calib`` also writes ``calib_subset.txt``: that many training images held out of the train subset (for
+    ``sd-plugin report --calib-split train --calib-ann``), drawn last, so the other subsets do not depend on it."""
     for name, value in (("num_train", num_train), ("num_test", num_test), ("num_val", num_val)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
             raise ValueError(f"{name} must be a positive int or None (whole split), got {value!r}.")
-    classes = check_data_root(root)
+    train, test = _list_split(root, "train"), _list_split(root, "test")
+    if sorted(train) != sorted(test):
+        raise ValueError(f"train and test of {root} have different class folders: {sorted(train)} vs {sorted(test)}.")
+    classes = tuple(sorted(train))
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(subset_seed)
-    paths = {}
-    sizes = {}
-    rows = {
-        split: _stratified(_list_split(root, split), total, rng)
-        for split, total in (("train", num_train), ("test", num_test))
-    }
+    rows = {"train": _stratified(train, num_train, rng), "test": _stratified(test, num_test, rng)}
     # The validation subset: a stratified part of the test subset (same draw for every run).
     test_files: Dict[str, List[str]] = {c: [] for c in classes}
     for rel, _ in rows["test"]:
@@ -143,26 +96,10 @@ def write_subsets(
     rows["val"] = _stratified(test_files, num_val, rng)
     if num_calib:
         used = {rel for rel, _ in rows["train"]}
-        held: Dict[str, List[str]] = {c: [] for c in classes}
-        for c, names in _list_split(root, "train").items():
-            held[c] = [n for n in names if f"{c}/{n}" not in used]
-        if (
-            sum(len(v) for v in held.values()) >= num_calib
-            and min(len(v) for v in held.values()) * len(held) >= num_calib
-        ):
+        held = {c: [n for n in names if f"{c}/{n}" not in used] for c, names in train.items()}
+        if min(len(v) for v in held.values()) * len(held) >= num_calib:
             rows["calib"] = _stratified(held, num_calib, rng)
     for subset, items in rows.items():
-        path = out_dir / f"{subset}_subset.txt"
-        path.write_text("".join(f"{rel} {label}\n" for rel, label in items))
-        paths[subset] = path
-        sizes[subset] = len(items)
-    return DataSplits(
-        root=root,
-        classes=classes,
-        train_ann=paths["train"],
-        val_ann=paths["val"],
-        test_ann=paths["test"],
-        num_train=sizes["train"],
-        num_val=sizes["val"],
-        num_test=sizes["test"],
-    )
+        (out_dir / f"{subset}_subset.txt").write_text("".join(f"{rel} {label}\n" for rel, label in items))
+    ann, size = {s: out_dir / f"{s}_subset.txt" for s in rows}, {s: len(v) for s, v in rows.items()}
+    return DataSplits(root, classes, ann["train"], ann["val"], ann["test"], size["train"], size["val"], size["test"])

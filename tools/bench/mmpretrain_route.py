@@ -1,14 +1,11 @@
-"""The MMPretrain route of the benchmark: configs in ``configs/benchmark/``, mmengine's Runner, ``MultiExitAccuracy``.
-
-Each training run (arm x seed) runs in its own spawned process through
-``Runner.from_cfg(cfg).train()``; a hook collects the validation metrics of
-every epoch. The cost measurement builds both arms' models and optimiser
-wrappers from the same configs and drives ``model.train_step`` (the call the
-Runner makes) and the preprocessor plus ``model(..., mode='predict')``.
-"""
+"""The MMPretrain route of the benchmark (configs in ``configs/benchmark/``, ``MultiExitAccuracy``): every training
+run is ``Runner.from_cfg(cfg).train()`` in a spawned process; the cost measurement drives the ``model.train_step`` the
+Runner calls and ``model(..., mode='predict')``."""
 
 from __future__ import annotations
 
+import functools
+import itertools
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -17,14 +14,9 @@ from tools.bench.arms import MIX_ALPHA, parse_arm
 from tools.bench.cost import TrainArm
 from tools.bench.data import DataSplits
 
-__all__ = ["CONFIG_DIR", "arm_spec", "load_config", "train_run", "build_arm", "sample_batches", "flops_inputs"]
-
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "benchmark"
 MODEL_DESCRIPTION = "MMPretrain ResNet_CIFAR-18 (base width {width})"
-ARM_CONFIGS = {
-    "plain": "resnet18-w16_1xb128_cifar10-subset_plain.py",
-    "sd": "resnet18-w16_1xb128_cifar10-subset_sd.py",
-}
+ARM_CONFIGS = {kind: f"resnet18-w16_1xb128_cifar10-subset_{kind}.py" for kind in ("plain", "sd")}
 
 
 def _schedule(epochs: int) -> List[Dict[str, Any]]:
@@ -47,20 +39,9 @@ def arm_spec(
     batch_size: Optional[int] = None,
     sd_options: Optional[Dict[str, Any]] = None,
 ) -> Dict[str, Any]:
-    """Picklable description of one arm: its config file and the overrides the benchmark applies.
-
-    Args:
-        arm: An arm name (``tools.bench.arms``: ce, ls, byot, byot+ls, pskd, cskd, tfkd, ...).
-        splits: Data subsets (both arms get the same).
-        epochs: Training epochs.
-        seed: Training seed (model init, data order, augmentation).
-        work_dir: The Runner's work directory.
-        width: Base channels of ResNet_CIFAR (None: the config's).
-        num_workers: Data loader workers (0: load in the main process).
-        batch_size: Training batch size (None: the config's).
-        sd_options: Self-distillation options (``SelfDistillConfig`` fields) for every arm with a
-            self-distillation model (after the arm's own).
-    """
+    """Picklable description of one arm (``tools.bench.arms``): its config file and the overrides the benchmark
+    applies. ``seed``: model init, data order and augmentation; ``width`` (base channels) and ``batch_size``: None keeps
+    the config's; ``sd_options``: ``SelfDistillConfig`` options of every arm with exits, over the arm's own."""
     recipe = parse_arm(arm)
     over: Dict[str, Any] = {
         "work_dir": str(work_dir),
@@ -101,8 +82,7 @@ def arm_spec(
             over["model.head.loss"] = dict(type="CrossEntropyLoss", loss_weight=1.0, use_soft=True)
     replace: Dict[str, Any] = {}
     if recipe.self_distill_model:
-        for key, value in {**recipe.options, **(sd_options or {})}.items():
-            over[f"model.{key}"] = value
+        over.update({f"model.{key}": value for key, value in {**recipe.options, **(sd_options or {})}.items()})
     if recipe.class_pairs:
         replace["train_dataloader.sampler"] = dict(type="ClassPairSampler")
     if recipe.pskd:
@@ -118,56 +98,39 @@ def load_config(spec: Dict[str, Any]) -> Any:
     cfg = Config.fromfile(spec["config"])
     cfg.merge_from_dict(spec["overrides"])
     for key, value in spec.get("replace", {}).items():  # whole values, not merged into the config's
-        *parents, leaf = key.split(".")
-        node = cfg
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+        parent, _, leaf = key.rpartition(".")
+        (cfg[parent] if parent else cfg)[leaf] = value
     return cfg
 
 
-class _EpochMetrics:
-    """Collects the validation metrics of every epoch (registered on the Runner at the lowest priority)."""
+def _epoch_metrics_hook(history: List[Dict[str, float]], tag: str) -> Any:
+    """A hook that appends the validation metrics of every epoch to ``history``."""
+    from mmengine.hooks import Hook
 
-    priority = "LOWEST"
+    class EpochMetricsHook(Hook):
+        def after_val_epoch(self, runner: Any, metrics: Optional[Dict[str, float]] = None) -> None:
+            if metrics:
+                history.append({"epoch": runner.epoch, **{k: float(v) for k, v in metrics.items()}})
+                print(f"[benchmark] {tag} epoch {runner.epoch}: {history[-1]}", flush=True)
 
-    def __init__(self, tag: str) -> None:
-        self.tag = tag
-        self.history: List[Dict[str, float]] = []
-
-    def make_hook(self) -> Any:
-        from mmengine.hooks import Hook
-
-        history, tag = self.history, self.tag
-
-        class EpochMetricsHook(Hook):
-            def after_val_epoch(self, runner: Any, metrics: Optional[Dict[str, float]] = None) -> None:
-                if metrics:
-                    history.append({"epoch": runner.epoch, **{k: float(v) for k, v in metrics.items()}})
-                    print(f"[benchmark] {tag} epoch {runner.epoch}: {history[-1]}", flush=True)
-
-        return EpochMetricsHook()
+    return EpochMetricsHook()
 
 
 def train_run(spec: Dict[str, Any]) -> Dict[str, Any]:
-    """Train one arm with mmengine's Runner; per-epoch validation metrics, final test metrics, wall time.
-
-    Meant to run in a fresh (spawned) process: the Runner, its registries and
-    the logger stay out of the parent.
-    """
+    """Train one arm with mmengine's Runner, in a fresh (spawned) process that keeps its registries and logger out of
+    the parent; per-epoch validation metrics, final test metrics, wall time."""
     from mmengine.runner import Runner
 
     import sd_plugin  # noqa: F401  (registers the MMPretrain components, safe globals)
 
-    cfg = load_config(spec)
-    runner = Runner.from_cfg(cfg)
-    collector = _EpochMetrics(Path(spec["overrides"]["work_dir"]).name)
-    runner.register_hook(collector.make_hook(), priority=_EpochMetrics.priority)
+    runner = Runner.from_cfg(load_config(spec))
+    history: List[Dict[str, float]] = []
+    tag = Path(spec["overrides"]["work_dir"]).name
+    runner.register_hook(_epoch_metrics_hook(history, tag), priority="LOWEST")  # after the metric hooks
     start = time.perf_counter()
     runner.train()
     wall = time.perf_counter() - start
-    test = {k: float(v) for k, v in runner.test().items()}
-    return {"history": collector.history, "test": test, "train_wall_s": wall}
+    return {"history": history, "test": {k: float(v) for k, v in runner.test().items()}, "train_wall_s": wall}
 
 
 def _init_scope() -> None:
@@ -186,16 +149,8 @@ def sample_batches(spec: Dict[str, Any], num: int) -> List[Any]:
 
     _init_scope()
     cfg = load_config(spec)
-    loader_cfg = cfg.train_dataloader.copy()
-    loader_cfg["num_workers"] = 0
-    loader_cfg["persistent_workers"] = False
-    loader = Runner.build_dataloader(loader_cfg, seed=cfg.randomness.seed)
-    out = []
-    for batch in loader:
-        out.append(batch)
-        if len(out) == num:
-            break
-    return out
+    loader_cfg = dict(cfg.train_dataloader, num_workers=0, persistent_workers=False)
+    return list(itertools.islice(Runner.build_dataloader(loader_cfg, seed=cfg.randomness.seed), num))
 
 
 def build_arm(spec: Dict[str, Any], arm: str) -> TrainArm:
@@ -225,19 +180,8 @@ def build_arm(spec: Dict[str, Any], arm: str) -> TrainArm:
         data = model.data_preprocessor(batch, False)
         model(**data, mode="predict")
 
-    return TrainArm(name=arm, model=model, step=step, infer=infer, optimizer=optim_wrapper)
+    def inputs(batch: Any) -> Any:
+        return model.data_preprocessor(batch, False)["inputs"]
 
-
-def flops_inputs(arm: TrainArm, batch: Any) -> Any:
-    """The preprocessed input tensor of a batch (what the backbone sees)."""
-    model: Any = arm.model
-    return model.data_preprocessor(batch, False)["inputs"]
-
-
-def plain_forward(arm: TrainArm) -> Any:
-    """Plain model's logits from preprocessed inputs."""
-
-    def fwd(x: Any) -> Any:
-        return arm.model(x, mode="tensor")
-
-    return fwd
+    forward = functools.partial(model, mode="tensor")  # the deepest logits of preprocessed inputs
+    return TrainArm(name=arm, model=model, step=step, infer=infer, inputs=inputs, forward=forward)

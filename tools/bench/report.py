@@ -3,29 +3,21 @@
 from __future__ import annotations
 
 import json
-import math
 import re
 import statistics
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 from tools.bench.arms import BASELINE_ARM
 
-__all__ = ["exit_accuracies", "arm_results", "cost_summary", "render_markdown", "save_json", "plot"]
-
 #: Issue 12's target: training-step time of a self-distillation arm at most 1.10x plain cross-entropy's.
 STEP_TIME_TARGET = 1.10
-BASELINE = BASELINE_ARM
 _EXIT_KEY = re.compile(r"exit[_\-\s]?(\d+)", re.IGNORECASE)
 
 
 def exit_accuracies(metrics: Dict[str, float]) -> Dict[str, float]:
-    """Top-1 (%) per exit from a metric dict: keys 'exit1'..'exitK', 'deepest' and 'ensemble' where present.
-
-    Understands MMPretrain's ``accuracy/top1`` (the plain model: its deepest
-    classifier) and per-exit keys that name ``exit<k>``, ``deepest`` or
-    ``ensemble`` together with ``top1`` (or with no top-k at all).
-    """
+    """Top-1 (%) keyed 'exit1'..'exitK', 'deepest', 'ensemble' from a metric dict: keys naming ``exit<k>``,
+    ``deepest`` or ``ensemble`` (with ``top1`` or no top-k), or MMPretrain's plain ``accuracy/top1`` (deepest)."""
     out: Dict[str, float] = {}
     for key, value in metrics.items():
         low = key.lower()
@@ -42,12 +34,6 @@ def exit_accuracies(metrics: Dict[str, float]) -> Dict[str, float]:
     return out
 
 
-def _mean_spread(values: Sequence[float]) -> Tuple[float, float, float, float]:
-    mean = statistics.fmean(values)
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return mean, std, min(values), max(values)
-
-
 def _exit_order(keys: Sequence[str]) -> List[str]:
     exits = sorted((k for k in keys if k.startswith("exit")), key=lambda k: int(k[4:]))
     return exits + [k for k in ("deepest", "ensemble") if k in keys]
@@ -60,10 +46,7 @@ def _final(runs: List[Dict[str, Any]], arm: str) -> Dict[int, Dict[str, float]]:
         if run["arm"] == arm and (run.get("test") or run.get("history")):
             acc = exit_accuracies(run.get("test") or run["history"][-1])
             if "deepest" not in acc:
-                numbered = [k for k in acc if k.startswith("exit")]
-                if not numbered:
-                    raise ValueError(f"run {arm} seed {run['seed']} reported no top-1 (metrics: {sorted(acc)}).")
-                acc["deepest"] = acc.pop(_exit_order(numbered)[-1])
+                raise ValueError(f"run {arm} seed {run['seed']} reported no top-1 (metrics: {sorted(acc)}).")
             if not any(k.startswith("exit") for k in acc):
                 acc.pop("ensemble", None)  # no exits: the "ensemble" is the deepest classifier alone
             out[run["seed"]] = acc
@@ -71,49 +54,30 @@ def _final(runs: List[Dict[str, Any]], arm: str) -> Dict[int, Dict[str, float]]:
 
 
 def _stats(values: Sequence[float]) -> Dict[str, Any]:
-    mean, std, lo, hi = _mean_spread(values)
-    return {"per_seed": list(values), "mean": mean, "std": std, "min": lo, "max": hi}
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return dict(per_seed=list(values), mean=statistics.fmean(values), std=std, min=min(values), max=max(values))
 
 
 def arm_results(runs: List[Dict[str, Any]], arms: Sequence[str]) -> Dict[str, Any]:
-    """Per-arm top-1 (per exit, deepest, ensemble) over the seeds every arm finished, and the change vs CE.
-
-    The relative error reduction of an arm is ``(err_ce - err_arm) / err_ce``
-    per seed (deepest classifier; also for the ensemble where there are exits).
-    """
+    """Per-arm top-1 (per exit, deepest, ensemble) over the seeds every arm finished, and the change vs CE: the gain
+    and the relative error reduction ``(err_ce - err_arm) / err_ce`` per seed (deepest classifier, ensemble)."""
     finals = {a: _final(runs, a) for a in arms}
     seeds = sorted(set.intersection(*(set(f) for f in finals.values()))) if finals else []
     out: Dict[str, Any] = {"seeds": seeds, "arms": []}
     if not seeds:
         return out
-    base = finals.get(BASELINE)
+    base = finals.get(BASELINE_ARM)
     for arm in arms:
         per = finals[arm]
         keys = [k for k in _exit_order(list(per[seeds[0]])) if all(k in per[s] for s in seeds)]
         row: Dict[str, Any] = {"arm": arm, "top1": {k: _stats([per[s][k] for s in seeds]) for k in keys}}
-        if base is not None:
-            for k in ("deepest", "ensemble"):
-                if k not in row["top1"]:
-                    continue
+        for k in ("deepest", "ensemble") if base is not None else ():
+            if k in row["top1"]:
                 gain = [per[s][k] - base[s]["deepest"] for s in seeds]
                 rer = [100.0 * g / max(100.0 - base[s]["deepest"], 1e-9) for g, s in zip(gain, seeds)]
-                row[f"{k}_gain_vs_ce"] = _stats(gain)
-                row[f"{k}_error_reduction_vs_ce"] = _stats(rer)
+                row[f"{k}_gain_vs_ce"], row[f"{k}_error_reduction_vs_ce"] = _stats(gain), _stats(rer)
         out["arms"].append(row)
     return out
-
-
-def cost_summary(cost: Dict[str, Any]) -> Dict[str, Dict[str, float]]:
-    """Per arm: step-time, memory, FLOPs and inference-latency ratios vs CE."""
-    return {
-        arm: {
-            "step": cost["train_step"]["ratio_vs_ce"][arm],
-            "memory": cost["peak_memory"]["ratio_vs_ce"][arm],
-            "flops": cost["flops"]["ratio_vs_ce"][arm],
-            "inference": cost["inference"]["ratio_vs_ce"][arm],
-        }
-        for arm in cost["train_step"]["ratio_vs_ce"]
-    }
 
 
 def _pm(st: Dict[str, Any], signed: bool = False) -> str:
@@ -154,31 +118,19 @@ def render_markdown(acc: Dict[str, Any], cost: Optional[Dict[str, Any]], meta: D
             "| arm | step time | (median step) | peak memory | FLOPs | inference latency |",
             "|---|---|---|---|---|---|",
         ]
-        for arm, r in cost_summary(cost).items():
-            lines.append(
-                f"| {arm} | {r['step']:.3f}x | {t['median_s'][arm] * 1e3:.1f} ms | {r['memory']:.3f}x | "
-                f"{r['flops']:.3f}x | {r['inference']:.3f}x |"
-            )
+        ratios = [cost[k]["ratio_vs_ce"] for k in ("train_step", "peak_memory", "flops", "inference")]
+        for arm in t["ratio_vs_ce"]:
+            step, mem, flops, infer = (r[arm] for r in ratios)
+            ms = t["median_s"][arm] * 1e3
+            lines.append(f"| {arm} | {step:.3f}x | {ms:.1f} ms | {mem:.3f}x | {flops:.3f}x | {infer:.3f}x |")
     lines += ["", meta["recipe"]]
     return "\n".join(lines) + "\n"
 
 
 def save_json(path: Path, payload: Dict[str, Any]) -> None:
-    """Write ``payload`` as indented JSON (NaN/inf refused)."""
-
-    def clean(o: Any) -> Any:
-        if isinstance(o, float) and not math.isfinite(o):
-            raise ValueError(f"non-finite number in the results: {o}")
-        if isinstance(o, dict):
-            return {str(k): clean(v) for k, v in o.items()}
-        if isinstance(o, (list, tuple)):
-            return [clean(v) for v in o]
-        if isinstance(o, Path):
-            return str(o)
-        return o
-
+    """Write ``payload`` as indented JSON (NaN/inf refused with a ValueError; paths as strings)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(clean(payload), indent=2) + "\n")
+    path.write_text(json.dumps(payload, indent=2, allow_nan=False, default=str) + "\n")
 
 
 def plot(path: Path, acc: Dict[str, Any], runs: List[Dict[str, Any]], title: str) -> None:
@@ -193,47 +145,27 @@ def plot(path: Path, acc: Dict[str, Any], runs: List[Dict[str, Any]], title: str
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.4))
     xs = list(range(len(rows)))
     for offset, key, color in ((-0.2, "deepest", "tab:blue"), (0.2, "ensemble", "tab:orange")):
-        pts = [(x, r["top1"][key]) for x, r in zip(xs, rows) if key in r["top1"]]
+        pts = [(x + offset, r["top1"][key]) for x, r in zip(xs, rows) if key in r["top1"]]
         if pts:
-            ax1.bar(
-                [x + offset for x, _ in pts],
-                [st["mean"] for _, st in pts],
-                width=0.4,
-                yerr=[[st["mean"] - st["min"] for _, st in pts], [st["max"] - st["mean"] for _, st in pts]],
-                capsize=3,
-                color=color,
-                label=key,
-            )
+            err = [[st["mean"] - st["min"] for _, st in pts], [st["max"] - st["mean"] for _, st in pts]]
+            means = [st["mean"] for _, st in pts]
+            ax1.bar([x for x, _ in pts], means, width=0.4, yerr=err, capsize=3, color=color, label=key)
     lo = min(r["top1"]["deepest"]["min"] for r in rows)
     hi = max(max(st["max"] for st in r["top1"].values()) for r in rows)
-    ax1.set_ylim(max(0.0, lo - 4), min(100.0, hi + 2))
-    ax1.set_xticks(xs, [r["arm"] for r in rows], rotation=30)
-    ax1.set_ylabel("test top-1 (%)")
+    ax1.set(ylim=(max(0.0, lo - 4), min(100.0, hi + 2)), ylabel="test top-1 (%)")
     ax1.set_title(f"Top-1 per arm (mean, min/max over {len(acc['seeds'])} seeds)")
+    ax1.set_xticks(xs, [r["arm"] for r in rows], rotation=30)
     ax1.legend(loc="lower right")
     colors = plt.get_cmap("tab10")
     for i, row in enumerate(rows):
-        first = True
-        for run in runs:
-            if run["arm"] != row["arm"] or not run.get("history"):
-                continue
-            ys = [
-                _final([{**run, "test": h, "history": [h]}], row["arm"])[run["seed"]]["deepest"] for h in run["history"]
-            ]
-            ax2.plot(
-                [int(h["epoch"]) for h in run["history"]],
-                ys,
-                color=colors(i % 10),
-                marker="o",
-                ms=3,
-                alpha=0.8,
-                label=row["arm"] if first else None,
-            )
-            first = False
-    ax2.set_xlabel("epoch")
-    ax2.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax2.set_ylabel("validation top-1, deepest (%)")
+        seed_runs = [run for run in runs if run["arm"] == row["arm"] and run.get("history")]
+        for j, run in enumerate(seed_runs):
+            ys = [exit_accuracies(h).get("deepest") for h in run["history"]]
+            kw = dict(color=colors(i % 10), marker="o", ms=3, alpha=0.8, label=row["arm"] if j == 0 else None)
+            ax2.plot([int(h["epoch"]) for h in run["history"]], ys, **kw)
+    ax2.set(xlabel="epoch", ylabel="validation top-1, deepest (%)")
     ax2.set_title("Training curves (fixed validation subset, one line per seed)")
+    ax2.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax2.legend(loc="lower right", fontsize=8)
     ax2.grid(alpha=0.3)
     fig.suptitle(title, fontsize=10)

@@ -1,33 +1,24 @@
-"""The timm route of the benchmark: a timm ResNet-18, ``sd_plugin.wrap``, ``SelfDistillLoss``, timm's optim/scheduler.
-
-The training loop is the one a timm user writes: ``timm.create_model``,
-``timm.optim.create_optimizer_v2``, ``timm.scheduler.create_scheduler_v2``
-(per-update cosine with warm-up), cross-entropy for the plain arm and
-:class:`sd_plugin.SelfDistillLoss` on the wrapped model's training output for
-the self-distillation arm. Per-exit top-1 comes from
-:func:`sd_plugin.deploy.calibrate.collect_exit_logits` (the ``MultiExitModel``
-protocol, eval mode).
-"""
+"""The timm route of the benchmark: a timm ResNet-18, ``sd_plugin.wrap``, ``SelfDistillLoss``, timm's optim/scheduler
+(per-update cosine with warm-up), as a timm user writes it; per-exit top-1 from ``collect_exit_logits``."""
 
 from __future__ import annotations
 
+import itertools
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
+from sd_plugin.cli._data import _Listed
 from sd_plugin.core.ensemble import ensemble_logits
 from tools.bench.arms import MIX_ALPHA, parse_arm
 from tools.bench.cost import TrainArm
 from tools.bench.data import DataSplits
 
-#: CIFAR-10.
-NUM_CLASSES = 10
-
-__all__ = ["MODEL_DESCRIPTION", "arm_spec", "train_run", "build_arm", "sample_batches", "flops_inputs", "plain_forward"]
+NUM_CLASSES = 10  # CIFAR-10
 
 MODEL_DESCRIPTION = "timm ResNet-18 (stage widths {width}..8x{width})"
 _MEAN = (0.4914, 0.4822, 0.4465)  # CIFAR-10 RGB statistics
@@ -51,7 +42,7 @@ def arm_spec(
     if recipe.pskd or recipe.class_pairs:
         raise ValueError(
             f"arm {arm!r}: PS-KD and CS-KD need sample indices / a class-pair sampler, which the benchmark's timm "
-            "route does not have; use --route mmpretrain, or tools/train_timm.py --pskd / --cs-kd."
+            "route does not have; use --route mmpretrain, or `sd-plugin train-timm --pskd / --cs-kd`."
         )
     return {
         "arm": recipe.name,
@@ -63,26 +54,8 @@ def arm_spec(
         "width": width or 16,
         "num_workers": num_workers,
         "batch_size": batch_size or 128,
-        "sd_options": dict(sd_options or {}),
+        "options": {**recipe.options, **(sd_options or {})},
     }
-
-
-class _AnnDataset(Dataset):
-    """Images listed in an annotation file, read with PIL as RGB and transformed."""
-
-    def __init__(self, items: List[Tuple[Path, int]], transform: Callable[[Any], torch.Tensor]) -> None:
-        self.items = items
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> Tuple[torch.Tensor, int]:
-        from PIL import Image
-
-        path, label = self.items[i]
-        with Image.open(path) as img:
-            return self.transform(img.convert("RGB")), label
 
 
 def _loader(spec: Dict[str, Any], split: str, shuffle: bool, num_workers: Optional[int] = None) -> DataLoader:
@@ -90,46 +63,31 @@ def _loader(spec: Dict[str, Any], split: str, shuffle: bool, num_workers: Option
 
     ops: List[Any] = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if split == "train" else []
     transform = T.Compose([*ops, T.ToTensor(), T.Normalize(_MEAN, _STD)])
-    dataset = _AnnDataset(spec["splits"].read(split), transform)
-    generator = torch.Generator().manual_seed(spec["seed"])
+    splits = spec["splits"]
+    ann = {"train": splits.train_ann, "val": splits.val_ann, "test": splits.test_ann}[split]
+    dataset = _Listed(str(splits.root / ("train" if split == "train" else "test")), str(ann), transform)
     workers = spec["num_workers"] if num_workers is None else num_workers
-    return DataLoader(
-        dataset,
-        batch_size=spec["batch_size"] if split == "train" else 256,
-        shuffle=shuffle,
-        num_workers=workers,
-        generator=generator,
-        drop_last=False,
-        persistent_workers=workers > 0,
-    )
-
-
-def _model(spec: Dict[str, Any], arm: str) -> nn.Module:
-    import timm
-
-    import sd_plugin
-
-    w = spec["width"]
-    model = timm.create_model("resnet18", num_classes=NUM_CLASSES, channels=(w, 2 * w, 4 * w, 8 * w), stem_width=w)
-    recipe = spec["recipe"]
-    if not recipe.self_distill_model:
-        return model
-    return sd_plugin.wrap(model, input_size=(3, 32, 32), **{**recipe.options, **spec.get("sd_options", {})})
+    g = torch.Generator().manual_seed(spec["seed"])
+    kw = dict(num_workers=workers, persistent_workers=workers > 0, generator=g)
+    return DataLoader(dataset, batch_size=spec["batch_size"] if split == "train" else 256, shuffle=shuffle, **kw)
 
 
 class _Trainer:
     """Model, optimiser and criterion of an arm; ``step`` is one optimisation step."""
 
-    def __init__(self, spec: Dict[str, Any], arm: str) -> None:
+    def __init__(self, spec: Dict[str, Any]) -> None:
+        import timm
         from timm.optim import create_optimizer_v2
 
         import sd_plugin
 
         torch.manual_seed(spec["seed"])
-        self.arm = arm
-        self.model = _model(spec, arm)
+        w, recipe = spec["width"], spec["recipe"]
+        model = timm.create_model("resnet18", num_classes=NUM_CLASSES, channels=(w, 2 * w, 4 * w, 8 * w), stem_width=w)
+        self.model = (
+            sd_plugin.wrap(model, input_size=(3, 32, 32), **spec["options"]) if recipe.self_distill_model else model
+        )
         self.optimizer = create_optimizer_v2(self.model, opt="sgd", lr=_LR, weight_decay=_WD, momentum=_MOMENTUM)
-        recipe = spec["recipe"]
         self.mix: Any = None
         smoothing = recipe.label_smoothing
         if recipe.batch_augment:
@@ -140,7 +98,7 @@ class _Trainer:
             self.mix = Mixup(**alpha, label_smoothing=smoothing, num_classes=NUM_CLASSES)
             smoothing = 0.0
         self.criterion: nn.Module = (
-            sd_plugin.SelfDistillLoss(label_smoothing=smoothing, **{**recipe.options, **spec.get("sd_options", {})})
+            sd_plugin.SelfDistillLoss(label_smoothing=smoothing, **spec["options"])
             if recipe.self_distill_model
             else nn.CrossEntropyLoss(label_smoothing=smoothing)  # takes soft (mixed) targets as probabilities
         )
@@ -157,22 +115,17 @@ class _Trainer:
 
 
 @torch.no_grad()
-def _evaluate(model: nn.Module, arm: str, loader: DataLoader) -> Dict[str, float]:
+def _evaluate(model: nn.Module, loader: DataLoader) -> Dict[str, float]:
     from sd_plugin.deploy.calibrate import collect_exit_logits
 
     model.eval()
     if not getattr(model, "num_exits", 0):  # the plain timm model, or a wrapped one without exits (eval: plain logits)
-        correct = total = 0
-        for x, y in loader:
-            correct += int((model(x).argmax(dim=1) == y).sum())
-            total += y.numel()
-        return {"accuracy/top1": 100.0 * correct / total}
+        right = [(int((model(x).argmax(dim=1) == y).sum()), y.numel()) for x, y in loader]
+        return {"accuracy/top1": 100.0 * sum(r for r, _ in right) / sum(n for _, n in right)}
     data = collect_exit_logits(model, loader)
-    top1 = data.top1().tolist()
-    out = {f"{name}/top1": v for name, v in zip(data.names, top1)}
+    out = {f"{name}/top1": v for name, v in zip(data.names, data.top1().tolist())}
     ensemble = ensemble_logits(data.logits)  # the library's: BYOT's equal-weight mean of logits
-    out["ensemble/top1"] = float((ensemble.argmax(dim=1) == data.targets).float().mean() * 100)
-    return out
+    return {**out, "ensemble/top1": float((ensemble.argmax(dim=1) == data.targets).float().mean() * 100)}
 
 
 def train_run(spec: Dict[str, Any]) -> Dict[str, Any]:
@@ -181,20 +134,14 @@ def train_run(spec: Dict[str, Any]) -> Dict[str, Any]:
     from timm.utils import random_seed
 
     random_seed(spec["seed"])
-    trainer = _Trainer(spec, spec["arm"])
+    trainer = _Trainer(spec)
     train_loader = _loader(spec, "train", shuffle=True)
     val_loader = _loader(spec, "val", shuffle=False)
     epochs = spec["epochs"]
-    scheduler, _ = create_scheduler_v2(
-        trainer.optimizer,
-        sched="cosine",
-        num_epochs=epochs,
-        warmup_epochs=1 if epochs > 1 else 0,
-        warmup_lr=_LR * 0.1,
-        min_lr=0.0,
-        step_on_epochs=False,
-        updates_per_epoch=len(train_loader),
-    )
+    # Per-update cosine decay after one warm-up epoch from lr / 10 (none in a one-epoch run).
+    per_epoch, warmup = len(train_loader), 1 if epochs > 1 else 0
+    schedule = dict(sched="cosine", num_epochs=epochs, warmup_epochs=warmup, warmup_lr=_LR * 0.1, min_lr=0.0)
+    scheduler, _ = create_scheduler_v2(trainer.optimizer, step_on_epochs=False, updates_per_epoch=per_epoch, **schedule)
     history: List[Dict[str, float]] = []
     updates = 0
     start = time.perf_counter()
@@ -205,15 +152,15 @@ def train_run(spec: Dict[str, Any]) -> Dict[str, Any]:
             updates += 1
             scheduler.step_update(num_updates=updates)
         scheduler.step(epoch + 1)
-        history.append({"epoch": epoch + 1, **_evaluate(trainer.model, spec["arm"], val_loader)})
+        history.append({"epoch": epoch + 1, **_evaluate(trainer.model, val_loader)})
     wall = time.perf_counter() - start
-    test = _evaluate(trainer.model, spec["arm"], _loader(spec, "test", shuffle=False))
+    test = _evaluate(trainer.model, _loader(spec, "test", shuffle=False))
     return {"history": history, "test": test, "train_wall_s": wall}
 
 
 def build_arm(spec: Dict[str, Any], arm: str) -> TrainArm:
     """The arm's model with its timm optimiser; ``infer`` is the eval-mode forward (deepest logits)."""
-    trainer = _Trainer(spec, arm)
+    trainer = _Trainer(spec)
 
     def infer(batch: Tuple[torch.Tensor, torch.Tensor]) -> None:
         trainer.model(batch[0])
@@ -224,19 +171,4 @@ def build_arm(spec: Dict[str, Any], arm: str) -> TrainArm:
 def sample_batches(spec: Dict[str, Any], num: int) -> List[Tuple[torch.Tensor, torch.Tensor]]:
     """The first ``num`` training batches (seeded shuffle and augmentation)."""
     torch.manual_seed(spec["seed"])
-    out = []
-    for batch in _loader(spec, "train", shuffle=True, num_workers=0):
-        out.append(batch)
-        if len(out) == num:
-            break
-    return out
-
-
-def flops_inputs(arm: TrainArm, batch: Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """The normalised image batch."""
-    return batch[0]
-
-
-def plain_forward(arm: TrainArm) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The plain timm model's forward."""
-    return arm.model
+    return list(itertools.islice(_loader(spec, "train", shuffle=True, num_workers=0), num))

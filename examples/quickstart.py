@@ -1,4 +1,4 @@
-"""The front-door demo: train a small classifier with self-distillation through MMPretrain's Runner.
+"""Quick start (`make demo`): train a small classifier with self-distillation through MMPretrain's Runner.
 
 Trains the demo config (a quarter-width CIFAR ResNet-18 on the embedded 2,000-image
 CIFAR-10 subset in ``demo_data/``) with mmengine's Runner, evaluates every exit
@@ -9,9 +9,9 @@ plain ``ImageClassifier``: same data, schedule and seed) and adds it as a row,
 with the difference, so the table shows what the exits bought.
 
 Usage:
-    python tools/demo.py                       # about 4 minutes on 2 quiet CPU cores
-    python tools/demo.py --epochs 2            # quicker smoke run
-    python tools/demo.py --no-plain            # self-distillation only
+    python examples/quickstart.py               # about 4 minutes on 2 quiet CPU cores
+    python examples/quickstart.py --epochs 2    # quicker smoke run
+    python examples/quickstart.py --no-plain    # self-distillation only
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Train a timm model with self-distillation exits (``sd_plugin.wrap``) on an ImageFolder data set.
+"""``sd-plugin train-timm``: train a timm model with self-distillation exits (``sd_plugin.wrap``) on an ImageFolder.
 
 Built on timm's own utilities (create_model, create_dataset, resolve_data_config/create_transform,
 create_optimizer_v2, create_scheduler_v2, Mixup); flags follow timm's train.py. ``--no-sd`` trains the plain
@@ -7,52 +7,66 @@ model with the same recipe. Prints a per-exit top-1 table every epoch and writes
 ``model_plain.pth`` (the unwrapped timm state dict, loads strictly into ``timm.create_model``),
 ``exits.pth`` (exit weights alone) with ``sd_plugin_config.json`` beside it (the exits' options:
 ``sd_plugin.load_exits(model, OUTPUT)`` reloads them) and ``summary.json`` (per-epoch metrics and step times).
-
-Examples:
-    python tools/train_timm.py demo_data/cifar10_mini --model resnet18 --img-size 32 --epochs 2 --output work_dirs/r18
-    torchrun --nproc_per_node 2 tools/train_timm.py ~/.cache/sd_plugin/cifar10 --val-split test --model resnet18 ...
+Under ``torchrun`` it trains with DDP (nccl on GPUs, gloo on CPU), each rank on its own shard of the data.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
-import pickle
-import random
 import signal
-import sys
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
-import timm
 import torch
 import torch.distributed as dist
-from timm.data import Mixup, create_transform, resolve_data_config
-from timm.optim import create_optimizer_v2
-from timm.scheduler import create_scheduler_v2
-from torch.nn.parallel import DistributedDataParallel
 
-import sd_plugin
-from sd_plugin._io import atomic_save, atomic_write, check_checkpoint_file
-from sd_plugin._safe_globals import load_checkpoint_file, refuse_unsafe_checkpoint
-from sd_plugin.core import SelfDistillConfig, soft_cross_entropy
-from sd_plugin.core.methods import ClassPairIndexSampler
-from sd_plugin.timm_adapter._train_utils import (
+from .._io import atomic_save, atomic_write
+from ..core import SelfDistillConfig, SelfDistillLoss, soft_cross_entropy
+from ..core.methods import ClassPairIndexSampler
+from ..timm_adapter import SelfDistillModel, unwrap
+from ..timm_adapter._train_utils import (
     WithIndex,
+    average_over_ranks,
     build_dataset,
     build_loader,
+    create_model,
     evaluate,
     format_table,
     labels_of,
+    load_resume_checkpoint,
+    sd_config,
+    seed_epoch,
     setup_distributed,
     train_one_epoch,
+    wrap_ddp,
 )
+from ._load import plain_doc
+
+__all__ = ["add_parser", "run", "parse_args", "main", "train"]
+
+#: What the ``sd-plugin`` parser adds to a subcommand's options; the run saves only its own (``args`` in the
+#: checkpoint and summary.json).
+CLI_KEYS = ("command", "run", "argv", "traceback")
+
+EPILOG = """examples:
+  sd-plugin train-timm demo_data/cifar10_mini --model resnet18 --img-size 32 --epochs 2 --output work_dirs/r18
+  # the plain model with the same recipe (the baseline)
+  sd-plugin train-timm demo_data/cifar10_mini --model resnet18 --img-size 32 --epochs 2 --no-sd --output work_dirs/plain
+  # fine-tune a pretrained ViT with timm's layer decay and gradient checkpointing
+  sd-plugin train-timm DATA --model vit_tiny_patch16_224 --pretrained --opt adamw --lr 1e-3 --layer-decay 0.65 \\
+      --grad-checkpointing --output work_dirs/vit
+  # DDP: one process per GPU (gloo processes on a CPU-only machine)
+  torchrun --nproc_per_node=2 -m sd_plugin train-timm ~/.cache/sd_plugin/cifar10 --val-split test --model resnet18
+  # go on from the last finished epoch of an earlier run
+  sd-plugin train-timm DATA --model resnet18 --output work_dirs/r18 --resume work_dirs/r18/checkpoint-last.pth
+"""
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``sd-plugin train-timm`` (timm's train.py names, plus the self-distillation group)."""
     p.add_argument("data", nargs="?", default=None, help="ImageFolder root with train/ and val/ (or test/)")
     p.add_argument("--data-dir", default=None, help="same as the positional data argument")
     p.add_argument("--train-split", default="train")
@@ -80,7 +94,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (0: off)")
     p.add_argument("--smoothing", type=float, default=0.0, help="label smoothing")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast (CPU or CUDA)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument(
@@ -133,12 +147,17 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         help="Zipf's label smoothing, weight (0.1; the authors use 1.0 on TinyImageNet and iNat21)",
     )
     sd.add_argument("--zipf-power", type=float, default=d.zipf_power, help="Zipf's LS exponent (1.0)")
-    args = p.parse_args(argv)
+
+
+def _finish_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> argparse.Namespace:
+    """The defaults that depend on other options, and the combinations refused (a usage error of ``p``)."""
     args.data = args.data or args.data_dir
     if not args.data:
         p.error("give the data root (positional) or --data-dir")
     if args.val_split is None:
         args.val_split = "val" if os.path.isdir(os.path.join(args.data, "val")) else "test"
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.no_sd and (args.pskd or args.cs_kd or args.tfkd or args.zipf or args.sd_no_exits):
         p.error("--no-sd trains the plain model with cross-entropy; for a method alone use --sd-no-exits instead")
     if args.cs_kd and args.batch_size % 2:
@@ -146,110 +165,57 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return args
 
 
-def create_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
-    """timm.create_model at --img-size when the model takes an img_size, else its own size."""
-    kwargs: Dict[str, Any] = dict(pretrained=args.pretrained, num_classes=num_classes)
-    if args.initial_checkpoint:
-        check_checkpoint_file(args.initial_checkpoint, "--initial-checkpoint")
-        kwargs["checkpoint_path"] = args.initial_checkpoint
-    try:
-        if args.img_size:
-            try:
-                return timm.create_model(args.model, img_size=args.img_size, **kwargs)
-            except TypeError:
-                pass  # a fully convolutional model: takes any size
-        return timm.create_model(args.model, **kwargs)
-    except RuntimeError as err:  # timm loads with weights_only=True and reports a refused pickle this way
-        if isinstance(err.__cause__, pickle.UnpicklingError):
-            raise refuse_unsafe_checkpoint(args.initial_checkpoint, err.__cause__, "--initial-checkpoint") from err
-        raise
+def _help() -> Dict[str, Any]:
+    return dict(description=plain_doc(__doc__), epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
-def sd_config(args: argparse.Namespace) -> SelfDistillConfig:
-    return SelfDistillConfig(
-        exit_indices=[] if args.sd_no_exits else args.sd_exit_indices,
-        temperature=args.sd_temperature,
-        ce_weight=args.sd_ce_weight,
-        kd_weight=args.sd_kd_weight,
-        hint_weight=args.sd_hint_weight,
-        hint_form=args.sd_hint_form,
-        pskd_alpha=args.pskd,
-        cskd_weight=args.cs_kd,
-        tfkd_weight=args.tfkd,
-        zipf_weight=args.zipf,
-        zipf_power=args.zipf_power,
-        deepest_weight=args.sd_deepest_weight,
-        exit_hidden_ratio=args.sd_exit_hidden_ratio,
-    )
+def add_parser(sub: Any) -> None:
+    summary = "train a timm model with self-distillation exits on an ImageFolder (under torchrun: DDP)"
+    p = sub.add_parser("train-timm", help=summary, **_help())
+    add_arguments(p)
+    p.set_defaults(run=functools.partial(run, parser=p))
 
 
-def seed_epoch(seed: int, epoch: int, rank: int, loader: torch.utils.data.DataLoader) -> None:
-    """Seed every random source from (seed, epoch, rank), so a resumed run repeats the epochs it re-runs exactly."""
-    epoch_seed = seed + 1000 * epoch + rank
-    random.seed(epoch_seed)
-    np.random.seed(epoch_seed % 2**32)
-    torch.manual_seed(epoch_seed)
-    if loader.generator is not None:
-        loader.generator.manual_seed(epoch_seed)
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """The options of ``sd-plugin train-timm ARGV`` (``argv`` without the command words)."""
+    p = argparse.ArgumentParser(prog="sd-plugin train-timm", **_help())
+    add_arguments(p)
+    return _finish_args(p.parse_args(argv), p)
 
 
-RESUME_KEYS = ("state_dict", "optimizer", "scheduler", "epoch")
+def run(args: argparse.Namespace, parser: Optional[argparse.ArgumentParser] = None) -> int:
+    """``sd-plugin train-timm``: the options as the ``sd-plugin`` parser read them (``parser``: its subparser)."""
+    own = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in CLI_KEYS})
+    if parser is None:
+        parser = argparse.ArgumentParser(prog="sd-plugin train-timm")
+    return train(_finish_args(own, parser))
 
 
-def _load_resume_checkpoint(path: str) -> Dict[str, Any]:
-    """The checkpoint-last.pth of an earlier run, or a ValueError that says what the file is instead."""
-    check_checkpoint_file(path, "--resume", pattern="checkpoint-*.pth")
-    ckpt = load_checkpoint_file(
-        path, "--resume", mmengine_objects=False
-    )  # data only: a crafted file is refused, its code never runs
-    missing = [k for k in RESUME_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise ValueError(
-            f"--resume {path!r} is not a checkpoint of tools/train_timm.py (no {missing}): resume from the "
-            "checkpoint-last.pth of an earlier run; to start from plain timm weights use --initial-checkpoint."
-        )
-    return ckpt
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``sd-plugin train-timm ARGV`` in this process; errors are raised (the command line prints them)."""
+    return train(parse_args(argv))
 
 
-def wrap_ddp(net: torch.nn.Module, info: Any) -> DistributedDataParallel:
-    """The tool's DDP wrapper (torch's defaults: ``broadcast_buffers=True``, no ``find_unused_parameters``).
-
-    Validation runs on rank 0 alone, over the whole validation set: DDP keeps the parameters identical on every
-    rank and, with ``broadcast_buffers=True``, every forward starts from rank 0's BatchNorm buffers, so rank 0
-    holds the model all ranks train; sharding validation would give the same numbers, only sooner.
-    """
-    return DistributedDataParallel(net, device_ids=[info.device.index] if info.device.type == "cuda" else None)
-
-
-def average_over_ranks(stats: Dict[str, Any], info: Any) -> Dict[str, Any]:
-    """Epoch loss and loss terms averaged over the ranks (each rank trains on its own shard), per-rank losses kept."""
-    if not info.distributed:
-        return stats
-    names = sorted(stats["terms"])
-    local = torch.tensor([stats["loss"], *(stats["terms"][k] for k in names)], dtype=torch.float64)
-    gathered = [torch.zeros_like(local) for _ in range(info.world_size)]
-    dist.all_gather(gathered, local)
-    mean = torch.stack(gathered).mean(dim=0).tolist()
-    return dict(stats, loss=mean[0], terms=dict(zip(names, mean[1:])), loss_per_rank=[g[0].item() for g in gathered])
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    """Run the tool; the process group is destroyed however the run ends (success, error, SIGTERM)."""
+def train(args: argparse.Namespace) -> int:
+    """Train; the process group is destroyed however the run ends (success, error, SIGTERM: exit code 143)."""
 
     def _terminate(signum: int, frame: Any) -> None:
         raise SystemExit(128 + signum)
 
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        return _run(argv)
+        return _train(args)
     finally:
         signal.signal(signal.SIGTERM, previous)
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _run(argv: Optional[List[str]] = None) -> int:
-    args = parse_args(argv)
+def _train(args: argparse.Namespace) -> int:
+    from timm.data import Mixup, create_transform, resolve_data_config
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+
     info = setup_distributed(args.device, args.dist_timeout)
     torch.manual_seed(args.seed + info.rank)
     os.makedirs(args.output, exist_ok=True)
@@ -259,7 +225,7 @@ def _run(argv: Optional[List[str]] = None) -> int:
     model = create_model(args, num_classes)
     config = sd_config(args)
     size = (3, args.img_size, args.img_size) if args.img_size else None
-    net: torch.nn.Module = model if args.no_sd else sd_plugin.SelfDistillModel(model, config, size)
+    net: torch.nn.Module = model if args.no_sd else SelfDistillModel(model, config, size)
     if args.grad_checkpointing:
         net.set_grad_checkpointing(True)  # type: ignore[operator]
     data_cfg = resolve_data_config(dict(input_size=size) if size else {}, model=net)
@@ -279,7 +245,7 @@ def _run(argv: Optional[List[str]] = None) -> int:
     if args.no_sd:
         criterion: Any = lambda out, y: soft_cross_entropy(out, y, args.smoothing if y.dim() == 1 else 0.0)  # noqa: E731
     else:
-        criterion = sd_plugin.SelfDistillLoss(config, label_smoothing=args.smoothing)
+        criterion = SelfDistillLoss(config, label_smoothing=args.smoothing)
     optimizer = create_optimizer_v2(
         net,
         opt=args.opt,
@@ -299,7 +265,7 @@ def _run(argv: Optional[List[str]] = None) -> int:
 
     start_epoch, history = 0, []
     if args.resume:
-        ckpt = _load_resume_checkpoint(args.resume)
+        ckpt = load_resume_checkpoint(args.resume)
         net.load_state_dict(ckpt["state_dict"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -318,14 +284,14 @@ def _run(argv: Optional[List[str]] = None) -> int:
         exits = "none (--no-sd)" if args.no_sd else [p.module for p in net.exit_points]  # type: ignore[union-attr]
         print(
             f"{args.model}: {num_classes} classes, input {tuple(data_cfg['input_size'])}, exits at {exits}, "
-            f"{len(train_set)} train / {len(val_set)} val images, world size {info.world_size}",
+            f"{len(train_set)} train / {len(val_set)} val images, world size {info.world_size}",  # type: ignore[arg-type]
             flush=True,
         )
     table: List[Tuple[int, Dict[str, float]]] = [(h["epoch"], h["top1"]) for h in history]
     for epoch in range(start_epoch, num_epochs):
         if isinstance(train_loader.sampler, (torch.utils.data.DistributedSampler, ClassPairIndexSampler)):
             train_loader.sampler.set_epoch(epoch)
-        if isinstance(criterion, sd_plugin.SelfDistillLoss):
+        if isinstance(criterion, SelfDistillLoss):
             criterion.set_progress(epoch / num_epochs)  # PS-KD's growing weight
             if args.sd_warmup_epochs > 0:
                 criterion.set_distill_scale(min(1.0, epoch / args.sd_warmup_epochs))
@@ -382,13 +348,9 @@ def _save(
     if isinstance(criterion, torch.nn.Module):
         state["criterion"] = criterion.state_dict()  # PS-KD's past predictions (the same on every rank)
     atomic_save(state, os.path.join(args.output, "checkpoint-last.pth"))
-    plain = net if args.no_sd else sd_plugin.unwrap(net)
+    plain = net if args.no_sd else unwrap(net)
     atomic_save(plain.state_dict(), os.path.join(args.output, "model_plain.pth"))
     if not args.no_sd:
         net.save_exits(args.output, safe_serialization=False)  # type: ignore[operator] # exits.pth + its config
     with atomic_write(os.path.join(args.output, "summary.json"), "w") as f:
         json.dump(dict(args=vars(args), epochs=history), f, indent=1)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

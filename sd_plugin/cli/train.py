@@ -1,11 +1,11 @@
-"""Train an MMPretrain config (with or without self-distillation) through mmengine's Runner.
+"""``sd-plugin train``: train an MMPretrain config (with or without self-distillation) through mmengine's Runner.
 
 The command line is MMPretrain's ``tools/train.py``; on GPUs it behaves the same.
 What it adds:
 
 - ``sd_plugin`` is imported, so configs need no ``custom_imports`` to use
   ``model=dict(type='SelfDistillClassifier')``.
-- ``torchrun --nproc_per_node=N tools/train.py CONFIG --launcher pytorch``
+- ``torchrun --nproc_per_node=N -m sd_plugin train CONFIG --launcher pytorch``
   also works on CPU-only machines (gloo process group, DDP without device ids).
 - ``--amp`` on a CPU-only machine trains under bfloat16 autocast
   (``CPUAutocastOptimWrapper``; mmengine's ``AmpOptimWrapper`` needs a GPU).
@@ -17,16 +17,12 @@ What it adds:
   file backend (temporary file, then rename) unless the config names a backend; ``--resume``
   refuses a damaged checkpoint with a message naming it and the newest intact one.
 - Clean exit: data-loader workers are stopped and the process group is destroyed on
-  success, on error and on SIGTERM, so a finished DDP run exits with code 0.
+  success, on error and on SIGTERM (exit code 143), so a finished DDP run exits with code 0.
 - FSDP: ``ResumableFSDPStrategy`` is registered (``FSDPStrategy`` whose resume works on current
   torch; ``runner_type='FlexibleRunner'``), and ``--resume`` takes a sharded checkpoint (a folder
   of ``rank{i}.pth``), each shard checked as a checkpoint file is.
 - A rank that hangs: ``env_cfg.dist_cfg.timeout`` (seconds, mmengine's setting; default 1800)
   bounds how long the other ranks wait in a collective before the job fails.
-
-Example:
-    python tools/train.py configs/resnet18_sd_cifar10.py --work-dir work_dirs/r18
-    torchrun --nproc_per_node=2 tools/train.py CONFIG --launcher pytorch --amp
 """
 
 from __future__ import annotations
@@ -37,26 +33,41 @@ import os
 import os.path as osp
 import signal
 from copy import deepcopy
-from typing import Any, Iterator, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
-from mmengine.config import Config, ConfigDict, DictAction
-from mmengine.registry import RUNNERS
-from mmengine.runner import Runner
 
-import sd_plugin  # noqa: F401  (registers SelfDistillClassifier & co., safe globals for resume)
-import sd_plugin._amp  # noqa: F401  (registers CPUAutocastOptimWrapper)
-import sd_plugin.mmpretrain_adapter.fsdp_strategy  # noqa: F401  (registers ResumableFSDPStrategy)
-from sd_plugin._dist import prepare_mmengine_cpu_ddp
-from sd_plugin._io import check_checkpoint_file
-from sd_plugin._mmengine_backend import ATOMIC_BACKEND
-from sd_plugin.mmpretrain_adapter.rng_state_hook import RNGStateHook
+from .._io import check_checkpoint_file
+from ._load import plain_doc
+
+if TYPE_CHECKING:
+    from mmengine.config import Config
+    from mmengine.runner import Runner
+
+__all__ = ["add_parser", "run", "parse_args", "main", "merge_args", "build_runner", "clean_shutdown"]
+
+EPILOG = """examples:
+  sd-plugin train configs/resnet18_cifar10_sd.py --work-dir work_dirs/r18
+  sd-plugin train CONFIG --amp                 # GPU: float16 AmpOptimWrapper; CPU: bfloat16 autocast
+  sd-plugin train CONFIG --resume              # the work dir's latest checkpoint (or --resume FILE)
+  sd-plugin train CONFIG --cfg-options load_from=plain.pth train_cfg.max_epochs=10
+  # DDP: NCCL on GPUs, gloo processes on a CPU-only machine
+  torchrun --nproc_per_node=2 -m sd_plugin train CONFIG --launcher pytorch --amp
+"""
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+class _DictAction(argparse.Action):
+    """mmengine's ``DictAction`` (``key=value`` pairs, values parsed as Python literals), imported when used."""
+
+    def __call__(self, parser: Any, namespace: argparse.Namespace, values: Any, option_string: Any = None) -> None:
+        from mmengine.config import DictAction
+
+        DictAction(self.option_strings, self.dest)(parser, namespace, values, option_string)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     """MMPretrain's ``tools/train.py`` arguments."""
-    parser = argparse.ArgumentParser(description="Train a model (MMPretrain config, mmengine Runner)")
     parser.add_argument("config", help="train config file path")
     parser.add_argument("--work-dir", help="the dir to save logs and models")
     parser.add_argument(
@@ -80,7 +91,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument(
         "--cfg-options",
         nargs="+",
-        action=DictAction,
+        action=_DictAction,
         help="override config settings, key=value (e.g. train_cfg.max_iters=100)",
     )
     parser.add_argument(
@@ -90,13 +101,50 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     )
     parser.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none", help="job launcher")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=0)
-    args = parser.parse_args(argv)
+
+
+def _help() -> Dict[str, Any]:
+    return dict(description=plain_doc(__doc__), epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def add_parser(sub: Any) -> None:
+    summary = "train an MMPretrain config through mmengine's Runner (CPU DDP, exact resume, safe checkpoints)"
+    p = sub.add_parser("train", help=summary, **_help())
+    add_arguments(p)
+    p.set_defaults(run=run)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """The options of ``sd-plugin train ARGV`` (``argv`` without the command words)."""
+    parser = argparse.ArgumentParser(prog="sd-plugin train", **_help())
+    add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``sd-plugin train ARGV`` in this process; errors are raised (the command line prints them)."""
+    return run(parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build the config from ``args`` and train it; 0 once training has finished."""
     if "LOCAL_RANK" not in os.environ:
         os.environ["LOCAL_RANK"] = str(args.local_rank)
-    return args
+    if not osp.isfile(args.config):
+        raise ValueError(f"config file {args.config!r} does not exist; give the path of an MMPretrain config (.py).")
+    from mmengine.config import Config
+
+    cfg = merge_args(Config.fromfile(args.config), args)
+    with clean_shutdown() as holder:
+        runner = build_runner(cfg)
+        holder.append(runner)
+        runner.train()
+    return 0
 
 
 def _dataloader_defaults(cfg: Config, field: str, args: argparse.Namespace) -> None:
+    from mmengine.config import ConfigDict
+
     loader = cfg.get(field, None)
     if loader is None:
         return
@@ -123,7 +171,7 @@ def _enable_amp(cfg: Config) -> None:
 
 
 def merge_args(cfg: Config, args: argparse.Namespace) -> Config:
-    """Apply the command line to ``cfg`` (MMPretrain's rules, plus the CPU fixes of this script)."""
+    """Apply the command line to ``cfg`` (MMPretrain's rules, plus the CPU fixes of this command)."""
     if args.no_validate:
         cfg.val_cfg = None
         cfg.val_dataloader = None
@@ -165,6 +213,8 @@ def merge_args(cfg: Config, args: argparse.Namespace) -> Config:
 
 
 def _add_rng_state_hook(cfg: Config) -> None:
+    from ..mmpretrain_adapter.rng_state_hook import RNGStateHook
+
     hooks = list(cfg.get("custom_hooks", None) or [])
     if not any(h.get("type") in ("RNGStateHook", RNGStateHook) for h in hooks):
         hooks.append(dict(type="RNGStateHook"))
@@ -173,6 +223,8 @@ def _add_rng_state_hook(cfg: Config) -> None:
 
 def _atomic_checkpoints(cfg: Config) -> None:
     """Local checkpoints through the crash-safe backend, unless the config chose a backend or a remote out_dir."""
+    from .._mmengine_backend import ATOMIC_BACKEND
+
     ckpt = cfg.get("default_hooks", {}).get("checkpoint", None)
     if not ckpt or ckpt.get("backend_args") is not None or ckpt.get("file_client_args") is not None:
         return
@@ -220,7 +272,18 @@ def _check_final(cfg: Config) -> None:
 
 
 def build_runner(cfg: Config) -> Runner:
-    """``Runner.from_cfg`` (or the config's ``runner_type``), after CPU DDP set-up where needed."""
+    """``Runner.from_cfg`` (or the config's ``runner_type``), after CPU DDP set-up where needed.
+
+    Registers sd_plugin's training components first: ``CPUAutocastOptimWrapper`` (what ``--amp`` picks on CPU)
+    and ``ResumableFSDPStrategy``.
+    """
+    from mmengine.registry import RUNNERS
+    from mmengine.runner import Runner
+
+    from .. import _amp  # noqa: F401  (registers CPUAutocastOptimWrapper)
+    from .._dist import prepare_mmengine_cpu_ddp
+    from ..mmpretrain_adapter import fsdp_strategy  # noqa: F401  (registers ResumableFSDPStrategy)
+
     prepare_mmengine_cpu_ddp(cfg)
     if "runner_type" not in cfg:
         return Runner.from_cfg(cfg)
@@ -264,18 +327,3 @@ def _stop_loader_workers(runner: Runner) -> None:
         if shutdown is not None:
             shutdown()
             loader._iterator = None  # type: ignore[union-attr]
-
-
-def main(argv: Optional[List[str]] = None) -> None:
-    args = parse_args(argv)
-    if not osp.isfile(args.config):
-        raise ValueError(f"config file {args.config!r} does not exist; give the path of an MMPretrain config (.py).")
-    cfg = merge_args(Config.fromfile(args.config), args)
-    with clean_shutdown() as holder:
-        runner = build_runner(cfg)
-        holder.append(runner)
-        runner.train()
-
-
-if __name__ == "__main__":
-    main()
