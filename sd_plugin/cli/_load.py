@@ -32,6 +32,7 @@ __all__ = [
     "add_model_args",
     "add_progress_arg",
     "plain_doc",
+    "help_kwargs",
     "create_timm",
     "timm_arch",
     "load_model",
@@ -99,6 +100,11 @@ def plain_doc(doc: Optional[str]) -> str:
     """A docstring as ``--help`` prints it: reST roles and literals as plain text."""
     text = re.sub(r":\w+:`~?([^`]+)`", r"\1", doc or "")
     return text.replace("``", "")
+
+
+def help_kwargs(doc: Optional[str], epilog: str) -> Dict[str, Any]:
+    """A subcommand parser's description (its module docstring as plain text) and its examples."""
+    return dict(description=plain_doc(doc), epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def add_progress_arg(p: argparse.ArgumentParser) -> None:

@@ -33,13 +33,13 @@ import os
 import os.path as osp
 import signal
 from copy import deepcopy
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
 from .._io import check_checkpoint_file
-from ._load import plain_doc
+from ._load import help_kwargs
 
 if TYPE_CHECKING:
     from mmengine.config import Config
@@ -103,20 +103,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=0)
 
 
-def _help() -> Dict[str, Any]:
-    return dict(description=plain_doc(__doc__), epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-
-
 def add_parser(sub: Any) -> None:
     summary = "train an MMPretrain config through mmengine's Runner (CPU DDP, exact resume, safe checkpoints)"
-    p = sub.add_parser("train", help=summary, **_help())
+    p = sub.add_parser("train", help=summary, **help_kwargs(__doc__, EPILOG))
     add_arguments(p)
     p.set_defaults(run=run)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """The options of ``sd-plugin train ARGV`` (``argv`` without the command words)."""
-    parser = argparse.ArgumentParser(prog="sd-plugin train", **_help())
+    parser = argparse.ArgumentParser(prog="sd-plugin train", **help_kwargs(__doc__, EPILOG))
     add_arguments(parser)
     return parser.parse_args(argv)
 

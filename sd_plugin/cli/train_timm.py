@@ -43,7 +43,7 @@ from ..timm_adapter._train_utils import (
     train_one_epoch,
     wrap_ddp,
 )
-from ._load import plain_doc
+from ._load import help_kwargs
 
 __all__ = ["add_parser", "run", "parse_args", "main", "train"]
 
@@ -165,20 +165,16 @@ def _finish_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> argpar
     return args
 
 
-def _help() -> Dict[str, Any]:
-    return dict(description=plain_doc(__doc__), epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-
-
 def add_parser(sub: Any) -> None:
     summary = "train a timm model with self-distillation exits on an ImageFolder (under torchrun: DDP)"
-    p = sub.add_parser("train-timm", help=summary, **_help())
+    p = sub.add_parser("train-timm", help=summary, **help_kwargs(__doc__, EPILOG))
     add_arguments(p)
     p.set_defaults(run=functools.partial(run, parser=p))
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """The options of ``sd-plugin train-timm ARGV`` (``argv`` without the command words)."""
-    p = argparse.ArgumentParser(prog="sd-plugin train-timm", **_help())
+    p = argparse.ArgumentParser(prog="sd-plugin train-timm", **help_kwargs(__doc__, EPILOG))
     add_arguments(p)
     return _finish_args(p.parse_args(argv), p)
 
