@@ -141,7 +141,8 @@ def markdown(report: Dict[str, Any]) -> str:
         t = report["timing"]
         lines.append(
             f"Latency: medians of {t['repeats']} interleaved rounds on {t['device']} ({t['torch_threads']} torch "
-            f"threads); batch 1 is the time per image over {t['b1_images']} images timed one by one."
+            f"threads{', channels-last memory format' if t.get('memory_format') == 'channels_last' else ''}); batch 1 "
+            f"is the time per image over {t['b1_images']} images timed one by one."
         )
     fit = report.get("calibrated_ensemble")
     if fit is not None:

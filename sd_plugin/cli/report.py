@@ -107,6 +107,11 @@ def add_parser(sub: Any) -> None:
     t.add_argument(
         "--no-onnx", action="store_true", help="time eager PyTorch only (default: ONNX Runtime too, when installed)"
     )
+    t.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="time every model in PyTorch's channels-last memory format (the eager figures; ONNX is unaffected)",
+    )
     add_baseline_args(p.add_argument_group("comparison with plain models (scored and timed alongside the exits)"))
     o = p.add_argument_group("output")
     o.add_argument("--out-dir", default="sd_plugin_report", help="folder of the .json/.md/.png (default: %(default)s)")
@@ -303,6 +308,18 @@ def _calib_spec(args: argparse.Namespace, test: DataSpec) -> Optional[DataSpec]:
     )
 
 
+def _channels_last(models: Sequence[nn.Module], images: torch.Tensor) -> torch.Tensor:
+    """The models (in place) and images in PyTorch's channels-last memory format, as a CPU or GPU deployment may run
+    them; every answer stays the same up to floating-point rounding."""
+    if images.dim() != 4:
+        raise ValueError(
+            f"--channels-last needs image batches (N, C, H, W), got inputs of shape {tuple(images.shape)}."
+        )
+    for m in models:
+        m.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    return images.contiguous(memory_format=torch.channels_last)
+
+
 def build_report(args: argparse.Namespace, argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """The report of :func:`run` as a dict (what the .json holds)."""
     spec = data_spec(args)
@@ -346,6 +363,8 @@ def build_report(args: argparse.Namespace, argv: Optional[Sequence[str]] = None)
             opts = {"criterion": args.criterion, **options, "method": method}
             points += operating_points(cal, data, costs, args.max_drops, opts)
     if args.timing:
+        if args.channels_last:
+            images = _channels_last([loaded.model, *(b.module for b in baselines)], images)
         extra = extra_nets(loaded.model, points, baselines)
         lat = time_exits(loaded.model, data.names, images, args.b1_images, args.repeats, extra)
         for row in rows:
@@ -360,6 +379,7 @@ def build_report(args: argparse.Namespace, argv: Optional[Sequence[str]] = None)
             "torch_threads": torch.get_num_threads(),
             "repeats": args.repeats,
             "b1_images": min(args.b1_images, len(images)),
+            "memory_format": "channels_last" if args.channels_last else "contiguous",
             **time_points(loaded.model, points, images, args),
         }
     report["operating_points"] = [p for p, _ in points]
