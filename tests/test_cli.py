@@ -40,6 +40,16 @@ def test_subcommands_are_the_ones_documented():
     assert tuple(sub.choices) == SUBCOMMANDS
 
 
+def test_the_local_rank_torch_distributed_launch_puts_first_reaches_train(tmp_path, monkeypatch):
+    """``python -m torch.distributed.launch -m sd_plugin train CFG`` runs ``sd_plugin --local-rank=1 train CFG``."""
+    from sd_plugin.cli import train
+
+    seen = []
+    monkeypatch.setattr(train, "run", lambda args: seen.append((args.local_rank, args.config)) or 0)
+    assert main(["--local-rank=1", "train", str(tmp_path / "cfg.py")]) == 0
+    assert seen == [(1, str(tmp_path / "cfg.py"))]
+
+
 def test_no_command_prints_help_and_fails(capsys):
     assert main([]) == 1
     assert "COMMAND" in capsys.readouterr().out

@@ -120,6 +120,25 @@ def test_a_baseline_without_its_architecture_is_refused(timm_files, tmp_path, ca
     assert "--baseline-config is for MMPretrain" in capsys.readouterr().err
 
 
+@pytest.mark.timm
+@pytest.mark.parametrize(
+    ("arch", "args", "message"),
+    [
+        ("test_efficientnet", {}, "normalises images with mean"),  # ImageNet mean/std, the report model 0.5
+        ("vit_tiny_patch16_224", {"img_size": 2 * SIZE}, "does not take the report model's inputs"),  # fixed 64 px
+    ],
+)
+def test_a_timm_baseline_that_takes_other_inputs_is_refused(timm_files, tmp_path, capsys, arch, args, message):
+    timm = pytest.importorskip("timm")
+    other = timm.create_model(arch, num_classes=NUM_CLASSES, **args)
+    path = tmp_path / "other.pth"
+    torch.save({"arch": arch, "state_dict": other.state_dict(), "args": {**args, "num_classes": NUM_CLASSES}}, path)
+    argv = ["report", str(timm_files / "sd.pth"), "--data", str(DATA), "--max-samples", "8", "--no-progress"]
+    assert main([*argv, "--out-dir", str(tmp_path), "--baseline", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "other.pth" in err
+
+
 @pytest.fixture(scope="module")
 def mm_files(tmp_path_factory):
     """An MMPretrain self-distillation checkpoint, a plain config of the same model and its plain checkpoint."""
@@ -169,3 +188,16 @@ def test_an_mmpretrain_plain_model_scores_what_the_deepest_classifier_scores(mm_
     assert "one --baseline-config per --baseline" in capsys.readouterr().err
     assert main([*argv, "--baseline-config", str(mm_files / "bgr.py")]) == 1
     assert "preprocesses images differently" in capsys.readouterr().err
+
+
+@pytest.mark.mmpretrain
+def test_a_model_with_exits_as_baseline_is_its_deepest_classifier(mm_files, tmp_path):
+    """Compared by its deepest classifier alone: its top-1, FLOPs and parameters (the exit heads not counted)."""
+    config = ["--config", str(DEMO_CONFIG)]
+    report = _report(
+        tmp_path, mm_files / "sd.pth", *config, "--baseline", f"self={mm_files / 'sd.pth'}",
+        "--baseline-config", str(DEMO_CONFIG),
+    )  # fmt: skip
+    (row,) = report["baselines"]
+    deepest = report["exits"][-2]
+    assert (row["top1"], row["flops"], row["params"]) == (deepest["top1"], deepest["flops"], deepest["params"])

@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--traceback", action="store_true", help="show the full traceback of an error")
+    # torch.distributed.launch (MMPretrain's dist_train.sh) puts --local-rank=N right after `-m sd_plugin`.
+    parser.add_argument("--local-rank", "--local_rank", dest="launcher_local_rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in (train, train_timm, report, calibrate, strip, export):
         module.add_parser(sub)
@@ -63,6 +65,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help()
         return EXIT_ERROR
     args.argv = words
+    if args.launcher_local_rank is not None:
+        args.local_rank = args.launcher_local_rank  # what `sd-plugin train --local-rank N` would have set
     try:
         return int(args.run(args))
     except (ValueError, TypeError, OSError, pickle.UnpicklingError) as err:

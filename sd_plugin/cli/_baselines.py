@@ -62,8 +62,9 @@ def add_baseline_args(group: Any) -> None:
     )
 
 
-def load_baselines(args: argparse.Namespace, loaded: Loaded) -> List[Baseline]:
-    """The ``--baseline`` models, in eval mode on the report model's device, weights loaded strictly."""
+def load_baselines(args: argparse.Namespace, loaded: Loaded, example: torch.Tensor) -> List[Baseline]:
+    """The ``--baseline`` models, in eval mode on the report model's device, weights loaded strictly; ``example``:
+    one of the report's inputs, which each baseline must take."""
     paths: List[str] = list(args.baseline)
     configs: List[str] = list(args.baseline_config)
     if loaded.source == "mmpretrain":
@@ -72,11 +73,11 @@ def load_baselines(args: argparse.Namespace, loaded: Loaded) -> List[Baseline]:
                 f"give one --baseline-config per --baseline ({len(paths)} checkpoint(s), {len(configs)} config(s)): "
                 "an MMPretrain checkpoint is rebuilt from its config."
             )
-        out = [_mmpretrain_baseline(path, c, loaded) for (_, path), c in zip(map(split_name, paths), configs)]
+        out = [_mmpretrain_baseline(path, c, loaded, example) for (_, path), c in zip(map(split_name, paths), configs)]
     else:
         if configs:
             raise ValueError("--baseline-config is for MMPretrain baselines; a timm baseline names its architecture.")
-        out = [_timm_baseline(path, loaded) for _, path in map(split_name, paths)]
+        out = [_timm_baseline(path, loaded, args, example) for _, path in map(split_name, paths)]
     for b, (name, _) in zip(out, map(split_name, paths)):
         b.name = name or b.name
     if len({b.name for b in out}) < len(out):
@@ -92,7 +93,7 @@ def split_name(given: str) -> Tuple[Optional[str], str]:
     return name, path
 
 
-def _timm_baseline(path: str, loaded: Loaded) -> Baseline:
+def _timm_baseline(path: str, loaded: Loaded, args: argparse.Namespace, example: torch.Tensor) -> Baseline:
     ckpt = read_checkpoint(path, "--baseline")
     saved = _saved_args(ckpt)
     arch = ckpt.get("arch") or saved.get("model")
@@ -110,10 +111,33 @@ def _timm_baseline(path: str, loaded: Loaded) -> Baseline:
     model = create_timm(arch, int(num_classes), saved.get("img_size") or size)
     _load_strict(model, state, path, "that --baseline is a plain timm model of its 'arch'")
     model = model.to(loaded.device).eval()
+    _check_timm_inputs(model, loaded, path, example, same_norm=not (args.mean or args.std))
     return Baseline(f"{arch} ({Path(path).parent.name})", path, model, model)
 
 
-def _mmpretrain_baseline(path: str, config: str, loaded: Loaded) -> Baseline:
+def _check_timm_inputs(model: nn.Module, loaded: Loaded, path: str, example: torch.Tensor, same_norm: bool) -> None:
+    """A timm baseline takes the report model's images: the same normalisation (unless --mean/--std set it for
+    both) and the same input size."""
+    from timm.data import resolve_data_config
+
+    if same_norm:
+        mine, theirs = resolve_data_config({}, model=loaded.model), resolve_data_config({}, model=model)
+        for key in ("mean", "std"):
+            if tuple(mine[key]) != tuple(theirs[key]):
+                raise ValueError(
+                    f"--baseline {path!r} normalises images with {key} {tuple(theirs[key])}, the report model with "
+                    f"{tuple(mine[key])}: a baseline must take the same inputs (or give --mean and --std for both)."
+                )
+    try:
+        with torch.inference_mode():
+            model(example)
+    except (AssertionError, RuntimeError, ValueError) as err:
+        raise ValueError(
+            f"--baseline {path!r} does not take the report model's inputs {tuple(example.shape[1:])}: {err}"
+        ) from err
+
+
+def _mmpretrain_baseline(path: str, config: str, loaded: Loaded, example: torch.Tensor) -> Baseline:
     from mmengine.config import Config
     from mmpretrain.registry import MODELS
 
@@ -129,8 +153,8 @@ def _mmpretrain_baseline(path: str, config: str, loaded: Loaded) -> Baseline:
     model = model.to(loaded.device).eval()
     _check_same_inputs(model, loaded, config)
     if isinstance(model, SelfDistillClassifier):  # a model with exits compared by its deepest classifier
-        deepest = truncate(model, exit="deepest")
-        return Baseline(Path(config).stem, path, model, deepest)
+        deepest = truncate(model, exit="deepest", example_input=example)  # exit heads dropped
+        return Baseline(Path(config).stem, path, deepest, deepest)
 
     def net(x: torch.Tensor) -> torch.Tensor:
         return model(x, mode="tensor")  # type: ignore[no-any-return]

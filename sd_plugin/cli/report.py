@@ -326,10 +326,11 @@ def build_report(args: argparse.Namespace, argv: Optional[Sequence[str]] = None)
     cal_spec = _calib_spec(args, spec)
     options = calibrate_options(args)
     methods = list(dict.fromkeys(options.pop("method")))
+    if args.channels_last and not args.timing:
+        raise ValueError("--channels-last is a memory format for the timings: give --timing too.")
     if args.timing and (args.repeats < 1 or args.b1_images < 1):
         raise ValueError("--repeats and --b1-images must be >= 1.")
     loaded = load_model(args)
-    baselines = load_baselines(args, loaded)
     show = not args.no_progress
     keep = max(BATCH_TIMED, args.b1_images) if args.timing else 1
     data, images = collect(loaded, spec, "test images", show, keep)
@@ -350,6 +351,7 @@ def build_report(args: argparse.Namespace, argv: Optional[Sequence[str]] = None)
         "early_exit_curve": sweep(data, answer),
         "operating_points": [],
     }
+    baselines = load_baselines(args, loaded, example)
     if baselines:
         items = progress(batches(loaded, spec), "plain models", show)
         logits = baseline_logits(baselines, items)

@@ -97,6 +97,8 @@ def test_report_times_in_channels_last_when_asked(tmp_path):
     assert report["timing"]["memory_format"] == "channels_last"
     assert "channels-last memory format" in (tmp_path / "r.md").read_text()
     assert sd_plugin  # the wrapped model's checkpoint came from the public API
+    plain = [a for a in argv if a not in ("--timing", "--no-onnx")]
+    assert main([*plain, "--out-dir", str(tmp_path), "--name", "s"]) == 1  # a memory format without timings
 
 
 def test_the_report_converts_the_models_and_the_images():
