@@ -19,7 +19,7 @@ BATCH_TIMED = 32  # the batch size of the "batch 32" figures
 
 
 def interleaved_times(
-    fns: Mapping[str, Callable[[int], object]], rounds: int, warmup: int = 1
+    fns: Mapping[str, Callable[[int], object]], rounds: int, warmup: int = 1, prime: bool = False
 ) -> Dict[str, List[float]]:
     """Seconds of every call of each function, ``rounds`` measured rounds after ``warmup`` unmeasured ones.
 
@@ -27,6 +27,8 @@ def interleaved_times(
         fns: Named callables taking the round index (e.g. to pick that round's batch, the same for every function).
         rounds: Measured rounds; each calls every function once.
         warmup: Unmeasured rounds first.
+        prime: Call each function once more, unmeasured, right before its measured call, so that whatever ran
+            before it in the round (another model, another runtime) does not leave it cold caches to pay for.
     """
     if rounds < 1 or warmup < 0:
         raise ValueError(f"need rounds >= 1 and warmup >= 0, got rounds={rounds}, warmup={warmup}.")
@@ -34,6 +36,8 @@ def interleaved_times(
     times: Dict[str, List[float]] = {name: [] for name in names}
     for i in range(warmup + rounds):
         for name in names if i % 2 == 0 else reversed(names):
+            if prime:
+                fns[name](i)
             start = time.perf_counter()
             fns[name](i)
             elapsed = time.perf_counter() - start
@@ -47,7 +51,9 @@ def medians(times: Mapping[str, List[float]]) -> Dict[str, float]:
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def interleaved_medians(fns: Mapping[str, Callable[[], object]], repeats: int = 5, warmup: int = 1) -> Dict[str, float]:
+def interleaved_medians(
+    fns: Mapping[str, Callable[[], object]], repeats: int = 5, warmup: int = 1, prime: bool = False
+) -> Dict[str, float]:
     """Median seconds of each zero-argument function under ``torch.inference_mode`` (see :func:`interleaved_times`)."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}.")
@@ -56,7 +62,7 @@ def interleaved_medians(fns: Mapping[str, Callable[[], object]], repeats: int = 
         return lambda _round: fn()
 
     with torch.inference_mode():
-        return medians(interleaved_times({n: ignore_round(f) for n, f in fns.items()}, repeats, warmup))
+        return medians(interleaved_times({n: ignore_round(f) for n, f in fns.items()}, repeats, warmup, prime))
 
 
 def timed_inputs(images: torch.Tensor, b1_images: int) -> Tuple[List[torch.Tensor], torch.Tensor]:

@@ -109,7 +109,7 @@ def measure_speedup(
         if onnx is not False and blocker is None:
             fns.update(_onnx_arms(model, ee.policy, b32, ones, Path(tmp)))
             backends.append("onnx")
-        t = interleaved_medians(fns, repeats)
+        t = interleaved_medians(fns, repeats, prime=True)
     out: Dict[str, float] = {}
     for backend in backends:
         for b in BATCHES:

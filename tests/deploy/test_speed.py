@@ -73,3 +73,23 @@ def test_a_model_the_cascade_cannot_cut_is_timed_eager_only_unless_onnx_is_deman
         with pytest.raises(ValueError, match="cannot time ONNX Runtime: exit point"):
             measure_speedup(model, policy, x, b1_images=1, repeats=1, onnx=True)
     _check(measure_speedup(model, policy, x, b1_images=1, repeats=1), EAGER)
+
+
+def test_primed_rounds_call_each_unit_once_unmeasured_right_before_its_timed_call(monkeypatch):
+    """``prime=True``: every unit runs twice in a row, the second call timed, in ABBA order; without it once."""
+    from sd_plugin.deploy import _timing
+
+    calls = []
+    clock = iter(range(1000))
+    monkeypatch.setattr(_timing.time, "perf_counter", lambda: next(clock))
+
+    def unit(name):
+        return lambda i: calls.append((name, i))
+
+    fns = {"a": unit("a"), "b": unit("b")}
+    times = _timing.interleaved_times(fns, rounds=2, warmup=0, prime=True)
+    assert calls == [("a", 0), ("a", 0), ("b", 0), ("b", 0), ("b", 1), ("b", 1), ("a", 1), ("a", 1)]
+    assert {k: len(v) for k, v in times.items()} == {"a": 2, "b": 2}  # one timed call per round
+    calls.clear()
+    _timing.interleaved_times(fns, rounds=2, warmup=0)
+    assert calls == [("a", 0), ("b", 0), ("b", 1), ("a", 1)]
