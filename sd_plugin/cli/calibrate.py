@@ -15,12 +15,12 @@ import torch
 import torch.nn as nn
 
 from ..deploy.calibrate import DEFAULT_DELTA, METHODS
+from ..deploy.policy import CRITERIA
 from ._data import add_data_args, batches, data_spec, keep_images, progress
 from ._load import add_model_args, add_progress_arg, load_model, plain_doc
 
 __all__ = ["add_parser", "run", "calibrate_options", "count_costs", "collect"]
 
-CRITERIA = ("max_prob", "entropy")
 
 EPILOG = """examples:
   # thresholds that cost at most 1 top-1 point on held-out images (the val/ folder of an ImageFolder root)
@@ -38,7 +38,7 @@ Calibrate on images the model was not trained on: thresholds fitted to training 
 def add_calibration_args(g: Any, several: bool = False) -> None:
     """How thresholds are searched (shared with ``sd-plugin report``, whose ``--method`` takes ``several``)."""
     default = "guaranteed"  # calibrate()'s (a test checks they agree)
-    g.add_argument("--criterion", choices=CRITERIA, default="max_prob", help="confidence score (default: max_prob)")
+    g.add_argument("--criterion", choices=CRITERIA, default="max_prob", help="confidence score (default: %(default)s)")
     g.add_argument(
         "--method",
         choices=METHODS,

@@ -30,7 +30,7 @@ from ..core.ensemble import fit_ensemble_weights
 from ..core.naming import exit_names
 from . import _risk
 from .early_exit import all_exit_logits, as_multi_exit, single_label
-from .policy import ExitPolicy, confidence_scores
+from .policy import ExitPolicy, confidence_scores, criterion_sign
 
 __all__ = ["ExitLogits", "collect_exit_logits", "evaluate_policy", "calibrate", "METHODS", "DEFAULT_DELTA"]
 
@@ -297,8 +297,8 @@ def _guaranteed(
     else:
         assert budget is not None
         target, unit, lo, span = budget, "budget", float(c.min()), float(c.max() - c.min())
-        # first: every sample at exit1, a bound every score clears (max prob >= 0; -entropy >= -log(C) - 1)
-        always = 0.0 if scorer.criterion == "max_prob" else -(math.log(scorer.num_classes) + 1)
+        # first: every sample at exit1, a bound every score clears (max prob, margin >= 0; -entropy >= -log(C) - 1)
+        always = 0.0 if criterion_sign(scorer.criterion) > 0 else -(math.log(scorer.num_classes) + 1)
         path = torch.cat([torch.full((1, path.shape[1]), always, dtype=torch.float64), path.flip(0)])
         rates = (test.batch(path)[1] - lo) / span if span > 0 else torch.zeros(path.shape[0], dtype=torch.float64)
         alpha = (budget - lo) / span if span > 0 else 1.0
@@ -374,7 +374,7 @@ def calibrate(
         costs: Cost of answering at each exit (E + 1), e.g.
             ``exit_costs(model, example).answer_fractions()``. Needed for ``budget``; for
             ``max_drop`` the default (exit k costs (k+1)/(E+1)) just prefers shallower exits.
-        criterion: 'max_prob' or 'entropy'.
+        criterion: 'max_prob', 'margin' or 'entropy' (:data:`~sd_plugin.deploy.policy.CRITERIA`).
         method: 'guaranteed' or 'empirical'.
         delta: Allowed probability that the guarantee fails (``'guaranteed'`` only), in (0, 1).
         num_candidates: Quantiles of each exit's confidence tried as thresholds.
@@ -408,7 +408,7 @@ def calibrate(
         info.update(delta=delta, guarantee=guarantee)
     else:
         best = _search(scorer, max_drop, budget, num_candidates, rounds)
-    sign = 1.0 if criterion == "max_prob" else -1.0
+    sign = criterion_sign(criterion)
     thresholds = [None if b == float("inf") else sign * float(b) for b in best.tolist()]
     fit = fit_ensemble_weights(data.logits, data.targets, delta=delta)  # same held-out data: saved with the policy
     policy = ExitPolicy(thresholds, criterion, ensemble_weights=fit.weights)

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from ..core import MultiExitModel, StopForward
-from .policy import ExitPolicy, confidence_scores
+from .policy import ExitPolicy, confidence_scores, criterion_sign
 
 __all__ = [
     "EarlyExitModel",
@@ -237,7 +237,7 @@ def early_exit_forward(
         inputs: (N, ...) input batch.
         bounds: One lower bound on :func:`~sd_plugin.deploy.policy.confidence_scores` per shallow exit
             (``ExitPolicy.bounds()``; ``inf``: the exit is never computed).
-        criterion: 'max_prob' or 'entropy'.
+        criterion: 'max_prob', 'margin' or 'entropy'.
     """
     mx = single_label(as_multi_exit(model), "early exit")
     if len(bounds) != mx.num_exits:
@@ -272,9 +272,9 @@ class EarlyExitModel(nn.Module):
         model: A :class:`~sd_plugin.core.MultiExitModel` (``sd_plugin.wrap(...)``, SelfDistillClassifier).
         thresholds: One per shallow exit, ``exit1`` first (``None``: that exit never answers and is not
             computed), or an :class:`ExitPolicy`.
-        criterion: 'max_prob' (answer when max softmax prob >= threshold, default) or
-            'entropy' (answer when the softmax entropy in nats <= threshold). Taken from the
-            policy when ``thresholds`` is one.
+        criterion: 'max_prob' (answer when max softmax prob >= threshold, default), 'margin' (when the top
+            probability exceeds the runner-up's by >= threshold) or 'entropy' (when the softmax entropy in nats
+            <= threshold). Taken from the policy when ``thresholds`` is one.
 
     The thresholds live in a buffer and the criterion in the extra state, so
     ``state_dict``/``load_state_dict`` keep them with the weights. A call changes
@@ -323,7 +323,7 @@ class EarlyExitModel(nn.Module):
     @property
     def policy(self) -> ExitPolicy:
         """The current thresholds as an :class:`ExitPolicy`."""
-        sign = 1.0 if self.criterion == "max_prob" else -1.0
+        sign = criterion_sign(self.criterion)
         ts = [None if b == float("inf") else sign * b for b in self.score_bounds.tolist()]
         return ExitPolicy(ts, self.criterion)
 

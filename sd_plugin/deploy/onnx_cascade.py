@@ -183,6 +183,9 @@ def _scores(logits: np.ndarray, criterion: str) -> np.ndarray:
     log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
     if criterion == "max_prob":
         return np.exp(log_p.max(axis=1))
+    if criterion == "margin":
+        top2 = np.exp(np.sort(log_p, axis=1)[:, -2:])
+        return top2[:, 1] - top2[:, 0]
     return (np.exp(log_p) * log_p).sum(axis=1)
 
 

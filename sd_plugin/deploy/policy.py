@@ -2,9 +2,9 @@
 
 A policy holds one threshold per shallow exit, ``exit1`` (the shallowest) first;
 the deepest classifier always answers what is left. With ``criterion='max_prob'`` exit ``k`` answers a sample
-when its maximum softmax probability is ``>= thresholds[k]``; with
-``criterion='entropy'`` when the entropy of its softmax (nats) is
-``<= thresholds[k]``. A threshold of ``None`` means the exit never answers.
+when its maximum softmax probability is ``>= thresholds[k]``; with ``criterion='margin'`` when the top
+probability exceeds the runner-up's by ``>= thresholds[k]``; with ``criterion='entropy'`` when the entropy of its
+softmax (nats) is ``<= thresholds[k]``. A threshold of ``None`` means the exit never answers.
 """
 
 from __future__ import annotations
@@ -19,9 +19,18 @@ import torch
 
 from .._io import atomic_write
 
-__all__ = ["CRITERIA", "ExitPolicy", "confidence_scores", "exit_decisions", "thresholds_to_scores"]
+__all__ = [
+    "CRITERIA",
+    "ExitPolicy",
+    "confidence_scores",
+    "criterion_sign",
+    "exit_decisions",
+    "thresholds_to_scores",
+]
 
-CRITERIA = ("max_prob", "entropy")
+CRITERIA = ("max_prob", "margin", "entropy")
+#: Criteria whose thresholds are lower bounds on the score (the others, entropy, are upper bounds on it).
+HIGHER_IS_CONFIDENT = ("max_prob", "margin")
 
 
 def _check_criterion(criterion: str) -> None:
@@ -29,12 +38,19 @@ def _check_criterion(criterion: str) -> None:
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}.")
 
 
+def criterion_sign(criterion: str) -> float:
+    """+1 where a threshold is the score itself (max_prob, margin), -1 where it is minus the score (entropy)."""
+    _check_criterion(criterion)
+    return 1.0 if criterion in HIGHER_IS_CONFIDENT else -1.0
+
+
 def confidence_scores(logits: torch.Tensor, criterion: str = "max_prob") -> torch.Tensor:
-    """Per-sample confidence, higher is more confident: max softmax probability, or minus the entropy.
+    """Per-sample confidence, higher is more confident: max softmax probability, its margin over the runner-up's,
+    or minus the entropy.
 
     Args:
         logits: (..., N, C) logits.
-        criterion: 'max_prob' or 'entropy'.
+        criterion: 'max_prob', 'margin' or 'entropy'.
 
     Returns:
         (..., N) scores in float32.
@@ -43,6 +59,11 @@ def confidence_scores(logits: torch.Tensor, criterion: str = "max_prob") -> torc
     log_p = logits.float().log_softmax(dim=-1)
     if criterion == "max_prob":
         return log_p.max(dim=-1).values.exp()
+    if criterion == "margin":
+        if logits.shape[-1] < 2:
+            raise ValueError(f"criterion 'margin' needs at least 2 classes, got logits of shape {tuple(logits.shape)}.")
+        top2 = log_p.topk(2, dim=-1).values.exp()
+        return top2[..., 0] - top2[..., 1]
     return (log_p.exp() * log_p).sum(dim=-1)  # minus the entropy
 
 
@@ -51,10 +72,10 @@ def thresholds_to_scores(thresholds: Sequence[Optional[float]], criterion: str) 
     _check_criterion(criterion)
     out = []
     for t in thresholds:
-        if t is None or (isinstance(t, float) and math.isinf(t) and (t > 0) == (criterion == "max_prob")):
+        if t is None or (isinstance(t, float) and math.isinf(t) and (t > 0) == (criterion_sign(criterion) > 0)):
             out.append(math.inf)
         else:
-            out.append(float(t) if criterion == "max_prob" else -float(t))
+            out.append(criterion_sign(criterion) * float(t))
     return torch.tensor(out, dtype=torch.float64)
 
 
@@ -107,7 +128,7 @@ class ExitPolicy:
                 raise TypeError(f"thresholds must hold floats or None, got {t!r}.")
             if t is not None and math.isnan(t):
                 raise ValueError("a threshold is NaN; use None for an exit that never answers.")
-            never = t is not None and math.isinf(t) and (t > 0) == (self.criterion == "max_prob")
+            never = t is not None and math.isinf(t) and (t > 0) == (criterion_sign(self.criterion) > 0)
             clean.append(None if t is None or never else float(t))
         self.thresholds = clean
         if self.ensemble_weights is not None:

@@ -148,3 +148,20 @@ def check_truncation_and_early_exit(model: nn.Module, x: torch.Tensor) -> torch.
             batch = remaining[k + 1]
     assert entered == ran
     return expected
+
+
+def wrapped_test_resnet(num_classes: int = 6, seed: int = 0) -> nn.Module:
+    """timm's ``test_resnet`` wrapped with exits whose weights are nudged apart (untrained exits answer alike) and
+    whose BatchNorm statistics saw one training batch; in eval mode."""
+    import timm
+
+    import sd_plugin
+
+    torch.manual_seed(seed)
+    model = sd_plugin.wrap(timm.create_model("test_resnet", num_classes=num_classes), input_size=(3, 32, 32))
+    with torch.no_grad():
+        for p in model.sd_exits.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+        model.train()
+        model(torch.randn(8, 3, 32, 32))
+    return model.eval()

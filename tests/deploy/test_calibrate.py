@@ -30,7 +30,7 @@ def test_collect_matches_each_exit():
 
 
 @pytest.mark.parametrize("max_drop", [0.0, 1.0, 3.0])
-@pytest.mark.parametrize("criterion", ["max_prob", "entropy"])
+@pytest.mark.parametrize("criterion", ["max_prob", "margin", "entropy"])
 def test_max_drop_is_met_on_calibration_set(max_drop, criterion):
     data = _synthetic()
     policy = calibrate(data, max_drop=max_drop, criterion=criterion, method="empirical")

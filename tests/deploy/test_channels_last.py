@@ -22,15 +22,10 @@ SPAN = 6
 
 
 def _timm_model():
-    timm = pytest.importorskip("timm")
-    import sd_plugin
+    pytest.importorskip("timm")
+    from deploy_toy import wrapped_test_resnet
 
-    torch.manual_seed(0)
-    model = sd_plugin.wrap(timm.create_model("test_resnet", num_classes=6), input_size=(3, 32, 32))
-    with torch.no_grad():
-        for p in model.sd_exits.parameters():
-            p.add_(0.2 * torch.randn_like(p))
-    return model.eval()
+    return wrapped_test_resnet()
 
 
 def _mm_model():

@@ -35,19 +35,24 @@ def test_unreachable_thresholds_give_deepest(thresholds):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("criterion", ["max_prob", "entropy"])
+@pytest.mark.parametrize("criterion", ["max_prob", "margin", "entropy"])
 def test_mixed_batch_each_sample_from_its_exit(criterion):
     model, x = toy(seed=1), torch.randn(12, 3, 16, 16)
     ref = torch.stack(all_exit_logits(model, x))
     probs = ref.softmax(-1)
-    conf = probs.max(-1).values if criterion == "max_prob" else -(probs * probs.log()).sum(-1)
+    top2 = probs.sort(-1, descending=True).values[..., :2]  # by hand: the top probability and the runner-up
+    conf = {
+        "max_prob": top2[..., 0],
+        "margin": top2[..., 0] - top2[..., 1],
+        "entropy": -(probs * probs.log()).sum(-1),
+    }[criterion]
     # Median thresholds: about half the samples leave at each exit.
     thresholds = [float(conf[0].quantile(0.5)), float(conf[1].quantile(0.5))]
     model.reset_calls()
     out = EarlyExitModel(model, thresholds, criterion=criterion).eval()(x)
     passes = (
         conf[:2] >= torch.tensor(thresholds)[:, None]
-        if criterion == "max_prob"
+        if criterion != "entropy"
         else conf[:2] <= torch.tensor(thresholds)[:, None]
     )
     expected = torch.where(passes[0], 0, torch.where(passes[1], 1, 2))
@@ -67,7 +72,7 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="2 exits"):
         EarlyExitModel(model, [0.5])
     with pytest.raises(ValueError, match="criterion"):
-        EarlyExitModel(model, [0.5, 0.5], criterion="margin")
+        EarlyExitModel(model, [0.5, 0.5], criterion="top5")
     with pytest.raises(TypeError, match="MultiExitModel"):
         EarlyExitModel(torch.nn.Linear(2, 2), [0.5])
     with pytest.raises(RuntimeError, match="eval"):

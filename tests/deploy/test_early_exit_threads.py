@@ -6,21 +6,15 @@ import pytest
 import torch
 
 timm = pytest.importorskip("timm")
-import sd_plugin  # noqa: E402
+from deploy_toy import wrapped_test_resnet  # noqa: E402
+
 from sd_plugin.deploy import EarlyExitModel, collect_exit_logits  # noqa: E402
 
 pytestmark = pytest.mark.timm
 
 
 def _model():
-    torch.manual_seed(0)
-    model = sd_plugin.wrap(timm.create_model("test_resnet", num_classes=6), input_size=(3, 32, 32))
-    with torch.no_grad():
-        for p in model.sd_exits.parameters():
-            p.add_(0.2 * torch.randn_like(p))
-        model.train()
-        model(torch.randn(8, 3, 32, 32))
-    return model.eval()
+    return wrapped_test_resnet()
 
 
 def _hook_counts(model):

@@ -68,21 +68,18 @@ def test_all_answered_early_and_thresholds_override(tmp_path):
     assert deepest.exit.tolist() == [3] * 5
 
 
-@pytest.mark.parametrize("criterion", ["max_prob", "entropy"])
+@pytest.mark.parametrize("criterion", ["max_prob", "margin", "entropy"])
 def test_timm_cascade_equals_early_exit_model(tmp_path, criterion):
-    timm = pytest.importorskip("timm")
-    import sd_plugin
+    pytest.importorskip("timm")
+    from deploy_toy import wrapped_test_resnet
 
-    torch.manual_seed(0)
-    model = sd_plugin.wrap(timm.create_model("test_resnet", num_classes=6), input_size=(3, 32, 32))
-    with torch.no_grad():
-        for p in model.sd_exits.parameters():
-            p.add_(0.2 * torch.randn_like(p))
-        model.train()
-        model(torch.randn(8, 3, 32, 32))
-    model.eval()
+    model = wrapped_test_resnet()
     x = torch.randn(16, 3, 32, 32)
     ts = _midpoint_thresholds(model, x, (0.7, 0.6, 0.5))
+    if criterion == "margin":  # half-way between two samples' margins at the median
+        p = collect_exit_logits(model, [(x, torch.zeros(16))]).logits[:-1].softmax(-1).sort(-1).values
+        margins = p[..., -1] - p[..., -2]
+        ts = [float(m.sort().values[len(m) // 2 - 1 : len(m) // 2 + 1].mean()) for m in margins]
     if criterion == "entropy":  # the same decisions expressed as entropy bounds would differ; use fresh ones
         ent = collect_exit_logits(model, [(x, torch.zeros(16))]).logits[:-1].softmax(-1)
         ent = -(ent * ent.log()).sum(-1)
