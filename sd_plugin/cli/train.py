@@ -31,7 +31,6 @@ import argparse
 import contextlib
 import os
 import os.path as osp
-import signal
 from copy import deepcopy
 from typing import TYPE_CHECKING, Any, Iterator, List, Optional, Sequence
 
@@ -40,6 +39,7 @@ import torch.distributed as dist
 
 from .._io import check_checkpoint_file
 from ._load import help_kwargs
+from ._signals import sigterm_exits
 
 if TYPE_CHECKING:
     from mmengine.config import Config
@@ -296,23 +296,24 @@ def clean_shutdown() -> Iterator[List[Any]]:
     Yields a list; put the runner in it so its loaders' workers are stopped.
     """
     holder: List[Any] = []
-
-    def _terminate(signum: int, frame: Any) -> None:
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, _terminate)
     ok = False
-    try:
-        yield holder
-        ok = True
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        for runner in holder:
-            _stop_loader_workers(runner)
-        if dist.is_available() and dist.is_initialized():
-            if ok:
-                dist.barrier()  # every rank has finished before any rank tears the group down
-            dist.destroy_process_group()
+    with sigterm_exits() as leaving:
+        try:
+            yield holder
+            ok = True
+        finally:
+            leaving()
+            _clean_up(holder, ok)
+
+
+def _clean_up(holder: List[Any], ok: bool) -> None:
+    """Stop the runner's data-loader workers and destroy the process group (after a barrier when the run ended well)."""
+    for runner in holder:
+        _stop_loader_workers(runner)
+    if dist.is_available() and dist.is_initialized():
+        if ok:
+            dist.barrier()  # every rank has finished before any rank tears the group down
+        dist.destroy_process_group()
 
 
 def _stop_loader_workers(runner: Runner) -> None:

@@ -16,7 +16,6 @@ import argparse
 import functools
 import json
 import os
-import signal
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -44,6 +43,7 @@ from ..timm_adapter._train_utils import (
     wrap_ddp,
 )
 from ._load import help_kwargs
+from ._signals import sigterm_exits
 
 __all__ = ["add_parser", "run", "parse_args", "main", "train"]
 
@@ -195,16 +195,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def train(args: argparse.Namespace) -> int:
     """Train; the process group is destroyed however the run ends (success, error, SIGTERM: exit code 143)."""
 
-    def _terminate(signum: int, frame: Any) -> None:
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, _terminate)
-    try:
-        return _train(args)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+    with sigterm_exits() as leaving:
+        try:
+            return _train(args)
+        finally:
+            leaving()
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
 
 
 def _train(args: argparse.Namespace) -> int:
