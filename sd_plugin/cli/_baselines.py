@@ -10,7 +10,6 @@ latency.
 from __future__ import annotations
 
 import argparse
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -19,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from ..deploy.speed import BATCHES
-from ._load import Loaded, _load_strict, _saved_args, create_timm, read_checkpoint, state_dict_of
+from ._load import Loaded, _load_strict, _saved_args, build_mm_model, create_timm, read_checkpoint, state_dict_of
 
 __all__ = [
     "Baseline",
@@ -138,17 +137,10 @@ def _check_timm_inputs(model: nn.Module, loaded: Loaded, path: str, example: tor
 
 
 def _mmpretrain_baseline(path: str, config: str, loaded: Loaded, example: torch.Tensor) -> Baseline:
-    from mmengine.config import Config
-    from mmpretrain.registry import MODELS
-
     from ..deploy import truncate
     from ..mmpretrain_adapter.classifier import SelfDistillClassifier
 
-    cfg = Config.fromfile(config)
-    model_cfg = copy.deepcopy(cfg.model)
-    if cfg.get("data_preprocessor") is not None:
-        model_cfg.setdefault("data_preprocessor", cfg.data_preprocessor)
-    model = MODELS.build(model_cfg)
+    model, _ = build_mm_model(config)
     _load_strict(model, state_dict_of(read_checkpoint(path, "--baseline")), path, "that --baseline-config is its")
     model = model.to(loaded.device).eval()
     _check_same_inputs(model, loaded, config)

@@ -33,6 +33,7 @@ __all__ = [
     "add_progress_arg",
     "plain_doc",
     "help_kwargs",
+    "build_mm_model",
     "create_timm",
     "timm_arch",
     "load_model",
@@ -241,21 +242,28 @@ def _pipeline_size(cfg: Any, split: str) -> Tuple[Optional[int], Optional[int]]:
     return found["scale"], found["crop_size"]
 
 
-def _load_mmpretrain(args: argparse.Namespace, ckpt: Mapping[str, Any], device: torch.device) -> Loaded:
+def build_mm_model(config: str) -> Tuple[nn.Module, Any]:
+    """The model of an MMPretrain config, built as mmengine's Runner builds it (with the config's data
+    preprocessor), and the config."""
     try:
         from mmengine.config import Config
         from mmpretrain.registry import MODELS
     except ImportError as err:
-        raise ValueError("--config needs MMPretrain: pip install 'sd-plugin[mmpretrain]'.") from err
+        raise ValueError("an MMPretrain config needs MMPretrain: pip install 'sd-plugin[mmpretrain]'.") from err
+
+    cfg = Config.fromfile(config)
+    model_cfg = copy.deepcopy(cfg.model)
+    if cfg.get("data_preprocessor") is not None:
+        model_cfg.setdefault("data_preprocessor", cfg.data_preprocessor)
+    return MODELS.build(model_cfg), cfg
+
+
+def _load_mmpretrain(args: argparse.Namespace, ckpt: Mapping[str, Any], device: torch.device) -> Loaded:
+    model, cfg = build_mm_model(args.config)
     from torchvision import transforms as T
 
     from ..mmpretrain_adapter.classifier import SelfDistillClassifier
 
-    cfg = Config.fromfile(args.config)
-    model_cfg = copy.deepcopy(cfg.model)
-    if cfg.get("data_preprocessor") is not None:  # as mmengine's Runner builds it
-        model_cfg.setdefault("data_preprocessor", cfg.data_preprocessor)
-    model = MODELS.build(model_cfg)
     if not isinstance(model, SelfDistillClassifier):
         raise ValueError(
             f"{args.config} builds a {type(model).__name__}, not a SelfDistillClassifier: give the config the "

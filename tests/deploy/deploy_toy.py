@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import Callable, List, Sequence
 
 import torch
 import torch.nn as nn
@@ -150,18 +150,23 @@ def check_truncation_and_early_exit(model: nn.Module, x: torch.Tensor) -> torch.
     return expected
 
 
-def wrapped_test_resnet(num_classes: int = 6, seed: int = 0) -> nn.Module:
-    """timm's ``test_resnet`` wrapped with exits whose weights are nudged apart (untrained exits answer alike) and
-    whose BatchNorm statistics saw one training batch; in eval mode."""
-    import timm
-
+def nudged_wrap(make: Callable[[], nn.Module], scale: float = 0.2, batch: int = 8, seed: int = 0) -> nn.Module:
+    """``sd_plugin.wrap(make())`` with exit weights nudged apart by ``scale`` (untrained exits answer alike) and
+    BatchNorm statistics that saw one training batch of ``batch`` images; in eval mode."""
     import sd_plugin
 
     torch.manual_seed(seed)
-    model = sd_plugin.wrap(timm.create_model("test_resnet", num_classes=num_classes), input_size=(3, 32, 32))
+    model = sd_plugin.wrap(make(), input_size=(3, 32, 32))
     with torch.no_grad():
         for p in model.sd_exits.parameters():
-            p.add_(0.2 * torch.randn_like(p))
+            p.add_(scale * torch.randn_like(p))
         model.train()
-        model(torch.randn(8, 3, 32, 32))
+        model(torch.randn(batch, 3, 32, 32))
     return model.eval()
+
+
+def wrapped_test_resnet(num_classes: int = 6, seed: int = 0) -> nn.Module:
+    """timm's ``test_resnet`` through :func:`nudged_wrap`."""
+    import timm
+
+    return nudged_wrap(lambda: timm.create_model("test_resnet", num_classes=num_classes), seed=seed)

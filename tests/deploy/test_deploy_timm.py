@@ -1,9 +1,8 @@
 import pytest
 import torch
-from deploy_toy import check_truncation_and_early_exit
+from deploy_toy import check_truncation_and_early_exit, nudged_wrap
 
 timm = pytest.importorskip("timm")
-import sd_plugin  # noqa: E402
 from sd_plugin.cli import main as cli_main  # noqa: E402
 from sd_plugin.deploy import (  # noqa: E402
     plain_state_dict,
@@ -22,14 +21,7 @@ MODELS = {
 
 def _trained_like(name: str):
     """A wrapped model whose exits and BN statistics are not at their initial values."""
-    torch.manual_seed(0)
-    model = sd_plugin.wrap(MODELS[name](), input_size=(3, 32, 32))
-    with torch.no_grad():
-        for p in model.sd_exits.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-        model.train()
-        model(torch.randn(4, 3, 32, 32))
-    return model.eval()
+    return nudged_wrap(MODELS[name], scale=0.05, batch=4)
 
 
 @pytest.mark.parametrize("name", ["cnn", "vit"])
